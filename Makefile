@@ -1,0 +1,30 @@
+# HistoMoE: `make book` builds the whole book on her2st; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROFILE ?= her2st
+# Local mirror directories checked before the network (os.pathsep-separated); here, the shared data folder.
+export HISTOMOE_MIRRORS ?= $(abspath $(CURDIR)/../shared/data)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv test book book-smoke clean-book bench-embed
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+book: $(STAMP)
+	$(BIN)/histomoe book --profile $(PROFILE)
+
+book-smoke: $(STAMP)
+	$(BIN)/histomoe book --profile smoke
+
+clean-book:
+	rm -rf book/_build book/_executed

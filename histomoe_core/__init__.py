@@ -1,0 +1,1 @@
+"""HistoMoE core package."""

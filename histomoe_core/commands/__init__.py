@@ -1,0 +1,1 @@
+"""Sub-commands of the ``histomoe`` CLI (one module each)."""

@@ -1,0 +1,193 @@
+"""Patches cropped around spots at a physical size, from a slide image or a HEST patch file.
+
+At most one slide image is decoded in memory at a time: :func:`iter_patches` opens the image of one
+sample, yields batches, and drops it when the generator ends.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from histomoe_core.data.sample import Sample
+from histomoe_core.errors import DataError
+
+Image.MAX_IMAGE_PIXELS = None  # slide images are large on purpose
+
+#: fraction of a patch that must be background before it is flagged
+BACKGROUND_FLAG = 0.5
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """A patch is ``size_um`` micrometres wide around the spot centre, resized to ``out_px`` pixels."""
+
+    size_um: float = 112.0
+    out_px: int = 224
+    out_of_image: Literal["pad", "drop", "error"] = "pad"
+
+    def crop_px(self, pixel_size_um: float) -> int:
+        return max(2, int(round(self.size_um / pixel_size_um)))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode a JPEG/PNG/TIFF slide image to an (H, W, 3) uint8 array; clear error if unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"image file {path} does not exist; run `histomoe data fetch` for its dataset")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                arr = tf.pages[0].asarray()
+        else:
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(
+            f"image file {path} is corrupt or not an image ({exc}); delete it and fetch it again"
+        ) from exc
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3]).astype(np.uint8, copy=False)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image without decoding its pixels."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            h, w = tf.pages[0].shape[:2]
+        return int(w), int(h)
+    with Image.open(path) as im:
+        return im.size
+
+
+def crop_boxes(coords: np.ndarray, crop_px: int) -> np.ndarray:
+    """(N, 4) integer boxes x0, y0, x1, y1 of side ``crop_px`` centred on each spot."""
+    half = crop_px / 2.0
+    x0 = np.round(coords[:, 0] - half).astype(int)
+    y0 = np.round(coords[:, 1] - half).astype(int)
+    return np.stack([x0, y0, x0 + crop_px, y0 + crop_px], axis=1)
+
+
+def in_image(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    return (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+
+
+def background_fraction(patch: np.ndarray) -> float:
+    """Share of pixels that are masked black or blank white glass (low saturation, very dark or very bright)."""
+    p = patch.astype(np.int16)
+    mx, mn = p.max(axis=2), p.min(axis=2)
+    dark = mx < 25
+    blank = (mn > 215) & (mx - mn < 20)
+    return float((dark | blank).mean())
+
+
+def _crop(img: np.ndarray, box: np.ndarray, out_px: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    crop = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)  # pad with white glass
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
+    if crop.shape[0] != out_px:
+        crop = np.asarray(Image.fromarray(crop).resize((out_px, out_px), Image.BICUBIC))
+    return crop
+
+
+def _selected(sample: Sample, spec: PatchSpec, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    boxes = crop_boxes(sample.coords, spec.crop_px(sample.pixel_size_um))
+    inside = in_image(boxes, width, height)
+    if not inside.all() and spec.out_of_image == "error":
+        bad = sample.adata.obs_names[~inside][:5].tolist()
+        raise DataError(
+            f"{sample.sample_id}: {int((~inside).sum())} patches leave the image (e.g. {bad}); "
+            "use out_of_image='pad' or 'drop'"
+        )
+    keep = np.arange(len(boxes)) if spec.out_of_image != "drop" else np.flatnonzero(inside)
+    return boxes, keep
+
+
+def iter_patches(
+    sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 64, indices: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(spot_indices, patches)`` with patches an (B, out_px, out_px, 3) uint8 array.
+
+    Spots whose crop leaves the image are padded with white (``pad``), skipped (``drop``) or refused
+    (``error``) as ``spec.out_of_image`` says; :func:`patch_qc` counts them.
+    """
+    if sample.image_path is None and sample.patches_path is not None:
+        yield from _iter_hest_patches(sample, spec, batch_size=batch_size, indices=indices)
+        return
+    if sample.image_path is None:
+        raise DataError(f"{sample.sample_id}: has neither an image nor a patch file")
+    img = load_image(sample.image_path)
+    boxes, keep = _selected(sample, spec, img.shape[1], img.shape[0])
+    if indices is not None:
+        keep = np.intersect1d(keep, np.asarray(indices))
+    for start in range(0, len(keep), batch_size):
+        idx = keep[start : start + batch_size]
+        yield idx, np.stack([_crop(img, boxes[i], spec.out_px) for i in idx])
+    del img
+
+
+def _iter_hest_patches(sample: Sample, spec: PatchSpec, *, batch_size: int, indices: np.ndarray | None):
+    import h5py
+
+    native_um = float(sample.meta.get("patch_size_um", 112.0))
+    if abs(native_um - spec.size_um) > 1e-6:
+        raise DataError(
+            f"{sample.sample_id}: HEST patches are {native_um} um wide; PatchSpec asks {spec.size_um} um. "
+            "Use the slide image (wsis/) for other sizes."
+        )
+    with h5py.File(sample.patches_path, "r") as f:
+        barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(f["barcode"]).ravel()]
+        row_of = {b: i for i, b in enumerate(barcodes)}
+        missing = [s for s in sample.adata.obs_names if s not in row_of]
+        if missing:
+            raise DataError(
+                f"{sample.patches_path}: {len(missing)} spots have no patch (e.g. {missing[:3]}); "
+                "the patch file does not match the expression file"
+            )
+        rows = np.array([row_of[s] for s in sample.adata.obs_names])
+        keep = np.arange(len(rows)) if indices is None else np.asarray(indices)
+        imgs = f["img"]
+        for start in range(0, len(keep), batch_size):
+            idx = keep[start : start + batch_size]
+            order = np.argsort(rows[idx])
+            batch = np.empty((len(idx), spec.out_px, spec.out_px, 3), dtype=np.uint8)
+            raw = imgs[np.sort(rows[idx])]
+            for j, k in enumerate(order):
+                p = raw[j]
+                if p.shape[0] != spec.out_px:
+                    p = np.asarray(Image.fromarray(p).resize((spec.out_px, spec.out_px), Image.BICUBIC))
+                batch[k] = p
+            yield idx, batch
+
+
+def patch_qc(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 128) -> pd.DataFrame:
+    """Per spot: whether the crop lies inside the image, its background fraction, and a background flag."""
+    if sample.image_path is not None:
+        w, h = image_size(sample.image_path)
+        inside = in_image(crop_boxes(sample.coords, spec.crop_px(sample.pixel_size_um)), w, h)
+    else:
+        inside = np.ones(sample.n_spots, dtype=bool)
+    frac = np.full(sample.n_spots, np.nan)
+    for idx, batch in iter_patches(sample, PatchSpec(spec.size_um, 64, "pad"), batch_size=batch_size):
+        frac[idx] = [background_fraction(p) for p in batch]
+    return pd.DataFrame(
+        {"in_image": inside, "background_frac": frac, "is_background": frac > BACKGROUND_FLAG},
+        index=sample.adata.obs_names.copy(),
+    )

@@ -1,0 +1,128 @@
+"""The one sample model every data source produces.
+
+A :class:`Sample` is one tissue section: an AnnData of raw counts (spots x genes) with the spot pixel
+coordinates in ``obsm["spatial"]`` (x, y in pixels of ``image_path``), the pixel size, the patient and
+metadata. A :class:`SampleSet` is an ordered collection with a HEST-style metadata table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from histomoe_core.errors import DataError
+
+#: metadata keys every source fills (others may be added freely)
+META_KEYS = ("organ", "cancer_type", "oncotree_code", "technology", "dataset")
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    patient: str
+    adata: ad.AnnData
+    pixel_size_um: float
+    image_path: Path | None = None
+    patches_path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_counts(self.adata, where=self.sample_id)
+        self.adata.obs["sample_id"] = self.sample_id
+        self.adata.obs["patient"] = self.patient
+        if not np.isfinite(self.pixel_size_um) or self.pixel_size_um <= 0:
+            raise DataError(f"{self.sample_id}: pixel size must be a positive number of um/px, got {self.pixel_size_um}")
+
+    @property
+    def n_spots(self) -> int:
+        return self.adata.n_obs
+
+    @property
+    def coords(self) -> np.ndarray:
+        """Spot centres (x, y) in pixels of the sample's image."""
+        return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)
+
+    def metadata_text(self) -> str:
+        """A sentence describing the sample's biological context, for text encoders."""
+        m = self.meta
+        parts = [m.get("organ"), m.get("cancer_type")]
+        extra = m.get("subtype")
+        if extra:
+            parts.append(extra)
+        return ", ".join(str(p) for p in parts if p)
+
+    def row(self) -> dict:
+        """One row of the metadata table."""
+        return {
+            "sample_id": self.sample_id,
+            "patient": self.patient,
+            "n_spots": self.n_spots,
+            "n_genes": self.adata.n_vars,
+            "pixel_size_um": round(float(self.pixel_size_um), 4),
+            "median_counts": float(np.median(total_counts(self.adata))),
+            **{k: v for k, v in self.meta.items() if not isinstance(v, (dict, list))},
+        }
+
+
+@dataclass
+class SampleSet:
+    """An ordered collection of samples of one dataset."""
+
+    name: str
+    samples: list[Sample]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | str) -> Sample:
+        if isinstance(key, str):
+            for s in self.samples:
+                if s.sample_id == key:
+                    return s
+            raise KeyError(f"{self.name} has no sample {key!r}; samples: {', '.join(self.ids)}")
+        return self.samples[key]
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.sample_id for s in self.samples]
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({s.patient for s in self.samples})
+
+    def table(self) -> pd.DataFrame:
+        """HEST-style metadata table: one row per sample."""
+        return pd.DataFrame([s.row() for s in self.samples]).set_index("sample_id")
+
+    def subset(self, ids: Sequence[str]) -> "SampleSet":
+        return SampleSet(self.name, [self[i] for i in ids])
+
+
+def total_counts(adata: ad.AnnData) -> np.ndarray:
+    return np.asarray(adata.X.sum(axis=1)).ravel()
+
+
+def validate_counts(adata: ad.AnnData, *, where: str) -> None:
+    """Raise :class:`DataError` on counts or coordinates that cannot be used."""
+    if "spatial" not in adata.obsm:
+        raise DataError(f"{where}: no spot coordinates (obsm['spatial'] is missing)")
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if xy.shape != (adata.n_obs, 2):
+        raise DataError(f"{where}: coordinates have shape {xy.shape}, expected ({adata.n_obs}, 2)")
+    if not np.isfinite(xy).all():
+        raise DataError(f"{where}: {int((~np.isfinite(xy)).any(axis=1).sum())} spots have non-finite coordinates")
+    data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+    if np.isnan(data).any():
+        raise DataError(f"{where}: counts contain NaN; raw counts must be finite non-negative numbers")
+    if (data < 0).any():
+        raise DataError(f"{where}: counts contain negative values; expected raw counts (>= 0), not normalised data")
+    if adata.obs_names.has_duplicates:
+        raise DataError(f"{where}: duplicate spot ids, e.g. {adata.obs_names[adata.obs_names.duplicated()][0]!r}")

@@ -1,0 +1,59 @@
+"""Patient-grouped splits: leave-one-patient-out, k-fold over patients, or a published manifest of splits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from histomoe_core.data.sample import SampleSet
+
+
+@dataclass(frozen=True)
+class Fold:
+    name: str
+    train: tuple[str, ...]  # sample ids
+    test: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "train": list(self.train), "test": list(self.test)}
+
+
+def _check(folds: list[Fold], samples: SampleSet) -> list[Fold]:
+    patient = {s.sample_id: s.patient for s in samples}
+    for f in folds:
+        shared = {patient[i] for i in f.train} & {patient[i] for i in f.test}
+        if shared:
+            raise ValueError(f"fold {f.name} puts patient(s) {sorted(shared)} in both train and test")
+    return folds
+
+
+def leave_one_patient_out(samples: SampleSet) -> list[Fold]:
+    folds = []
+    for p in samples.patients:
+        test = tuple(s.sample_id for s in samples if s.patient == p)
+        train = tuple(s.sample_id for s in samples if s.patient != p)
+        folds.append(Fold(f"test_{p}", train, test))
+    return _check(folds, samples)
+
+
+def patient_kfold(samples: SampleSet, k: int, *, seed: int = 0) -> list[Fold]:
+    """``k`` folds over shuffled patients; every patient is tested exactly once."""
+    patients = np.array(samples.patients)
+    if not 2 <= k <= len(patients):
+        raise ValueError(f"k must be between 2 and the number of patients ({len(patients)}), got {k}")
+    order = np.random.default_rng(seed).permutation(patients)
+    folds = []
+    for i, group in enumerate(np.array_split(order, k)):
+        g = set(group)
+        test = tuple(s.sample_id for s in samples if s.patient in g)
+        train = tuple(s.sample_id for s in samples if s.patient not in g)
+        folds.append(Fold(f"fold{i}_" + "-".join(sorted(g)), train, test))
+    return _check(folds, samples)
+
+
+def make_folds(samples: SampleSet, scheme: str = "lopo", *, k: int | None = None, seed: int = 0) -> list[Fold]:
+    if scheme == "lopo":
+        return leave_one_patient_out(samples)
+    if scheme == "kfold":
+        return patient_kfold(samples, k or 2, seed=seed)
+    raise ValueError(f"unknown split scheme {scheme!r}; use 'lopo' or 'kfold'")

@@ -1,0 +1,79 @@
+"""Values at spots drawn over the H&E image of a sample."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+from histomoe_core.data.patches import load_image
+from histomoe_core.data.sample import Sample
+
+#: longest side of the image thumbnail drawn under spots
+THUMB_PX = 1200
+
+
+def thumbnail(sample: Sample, *, max_px: int = THUMB_PX) -> tuple[np.ndarray, float]:
+    """A downscaled RGB image of the sample and the factor from image pixels to thumbnail pixels."""
+    img = load_image(sample.image_path)
+    f = min(1.0, max_px / max(img.shape[:2]))
+    if f < 1.0:
+        img = np.asarray(Image.fromarray(img).resize((int(img.shape[1] * f), int(img.shape[0] * f)), Image.BILINEAR))
+    return img, f
+
+
+def spatial_scatter(
+    sample: Sample,
+    values: Sequence | np.ndarray | None = None,
+    *,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    categorical: bool = False,
+    spot_um: float = 100.0,
+    alpha: float = 0.85,
+    image: tuple[np.ndarray, float] | None = None,
+    colorbar: bool = True,
+    crop: bool = True,
+) -> plt.Axes:
+    """Draw ``values`` (one per spot; outlines only when None) over the sample's H&E thumbnail.
+
+    ``spot_um`` sets the drawn spot diameter in micrometres; pass ``image=thumbnail(sample)`` to reuse a
+    decoded thumbnail across several panels.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    img, f = image if image is not None else thumbnail(sample)
+    xy = sample.coords * f
+    ax.imshow(img)
+    diameter_px = spot_um / sample.pixel_size_um * f
+    size = (diameter_px * 72 / ax.figure.dpi) ** 2 * _axes_scale(ax, img)
+    if values is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, facecolors="none", edgecolors="black", linewidths=0.6)
+    elif categorical:
+        cats = np.asarray(values).astype(str)
+        levels = sorted(set(cats))
+        colors = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+        for i, lev in enumerate(levels):
+            m = cats == lev
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=colors(i % colors.N), alpha=alpha, label=lev, linewidths=0)
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, markerscale=0.5)
+    else:
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(values, dtype=float), s=size, cmap=cmap, alpha=alpha, linewidths=0)
+        if colorbar:
+            ax.figure.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+    if crop:
+        pad = diameter_px * 2
+        ax.set_xlim(max(xy[:, 0].min() - pad, 0), min(xy[:, 0].max() + pad, img.shape[1]))
+        ax.set_ylim(min(xy[:, 1].max() + pad, img.shape[0]), max(xy[:, 1].min() - pad, 0))
+    ax.set_axis_off()
+    ax.set_title(title if title is not None else sample.sample_id, fontsize=10)
+    return ax
+
+
+def _axes_scale(ax: plt.Axes, img: np.ndarray) -> float:
+    """Rough factor from image pixels to points for the axes' current size (marker areas are in points^2)."""
+    bbox = ax.get_window_extent().transformed(ax.figure.dpi_scale_trans.inverted())
+    inches_per_px = min(bbox.width / img.shape[1], bbox.height / img.shape[0])
+    return (inches_per_px * ax.figure.dpi) ** 2
