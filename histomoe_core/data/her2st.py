@@ -55,19 +55,30 @@ def grid_pixel_size(spots: pd.DataFrame, scale: float) -> float:
     return ST_PITCH_UM / float(np.mean(pitches))
 
 
+#: clinical sheet columns -> metadata keys
+CLINICAL_COLUMNS = {"ER": "er", "PgR": "pgr", "Hist_Grade": "grade", "NodeStatus": "node_status"}
+
+
 def read_clinical(path: Path) -> dict[str, dict]:
-    """Per-patient ER / PgR / grade / node status from the clinical sheet, keyed by patient letter."""
-    raw = pd.read_excel(path, header=None)
-    header_row = next(i for i, row in raw.iterrows() if row.astype(str).str.contains("ER", regex=False).any())
-    table = raw.iloc[header_row + 1 :].set_axis(raw.iloc[header_row].astype(str).str.strip(), axis=1)
-    table = table.dropna(how="all")
+    """Per-patient ER / PgR / histological grade / node status from the clinical sheet, keyed by patient letter."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # openpyxl warns about an unsupported sheet extension
+            table = pd.read_excel(path, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the clinical sheet ({exc}); fetch it again") from exc
+    missing = [c for c in ["Sample", *CLINICAL_COLUMNS] if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: clinical sheet lacks columns {missing}")
     out: dict[str, dict] = {}
     for _, row in table.iterrows():
-        pid = str(row.iloc[0]).strip()
-        if not pid or pid == "nan":
-            continue
-        rec = {str(k): (None if pd.isna(v) else str(v).strip()) for k, v in row.iloc[1:].items() if str(k) != "nan"}
-        out[pid[0]] = rec | {"sheet_id": pid}
+        rec = {}
+        for col, key in CLINICAL_COLUMNS.items():
+            v = str(row[col]).strip()
+            rec[key] = None if v in ("", "nan", "Na") else v
+        out[str(row["Sample"]).strip()] = rec
     return out
 
 
@@ -92,7 +103,7 @@ def load_section(root: Path, section: str, info: dict, base_meta: dict, clinical
     adata.obsm["spatial"] = xy
     patient = str(info["patient"])
     meta = base_meta | {"section": section, "quality": info.get("quality", "ok"), "coord_scale": scale}
-    meta |= {f"clinical_{k}": v for k, v in clinical.get(patient, {}).items()}
+    meta |= clinical.get(patient, {})
     return Sample(
         sample_id=section, patient=patient, adata=adata, pixel_size_um=grid_pixel_size(spots, scale),
         image_path=root / info["image"], meta=meta,

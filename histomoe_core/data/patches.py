@@ -107,7 +107,21 @@ def _crop(img: np.ndarray, box: np.ndarray, out_px: int) -> np.ndarray:
     return crop
 
 
+def check_centres(sample: Sample, width: int, height: int) -> None:
+    """Refuse spot centres that lie outside the image: the coordinates do not belong to it."""
+    xy = sample.coords
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+    if outside.any():
+        ids = sample.adata.obs_names[outside][:3].tolist()
+        raise DataError(
+            f"{sample.sample_id}: {int(outside.sum())} spot centres lie outside the {width}x{height} image "
+            f"{sample.image_path} (e.g. {ids}); the coordinates do not match this image (check the scale factor "
+            "or the image file)"
+        )
+
+
 def _selected(sample: Sample, spec: PatchSpec, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    check_centres(sample, width, height)
     boxes = crop_boxes(sample.coords, spec.crop_px(sample.pixel_size_um))
     inside = in_image(boxes, width, height)
     if not inside.all() and spec.out_of_image == "error":
@@ -181,6 +195,7 @@ def patch_qc(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int =
     """Per spot: whether the crop lies inside the image, its background fraction, and a background flag."""
     if sample.image_path is not None:
         w, h = image_size(sample.image_path)
+        check_centres(sample, w, h)
         inside = in_image(crop_boxes(sample.coords, spec.crop_px(sample.pixel_size_um)), w, h)
     else:
         inside = np.ones(sample.n_spots, dtype=bool)

@@ -48,12 +48,15 @@ class Sample:
         return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)
 
     def metadata_text(self) -> str:
-        """A sentence describing the sample's biological context, for text encoders."""
+        """A phrase describing the sample's biological context, for text encoders.
+
+        E.g. ``"Breast, HER2+ invasive ductal carcinoma, ER-, PgR+, grade 3, node-"``: organ and cancer type, then
+        receptor status, grade and node status where the source records them.
+        """
         m = self.meta
         parts = [m.get("organ"), m.get("cancer_type")]
-        extra = m.get("subtype")
-        if extra:
-            parts.append(extra)
+        parts += [f"ER{m['er']}" if m.get("er") else None, f"PgR{m['pgr']}" if m.get("pgr") else None]
+        parts += [f"grade {m['grade']}" if m.get("grade") else None, f"node{m['node_status']}" if m.get("node_status") else None]
         return ", ".join(str(p) for p in parts if p)
 
     def row(self) -> dict:

@@ -1,0 +1,212 @@
+"""Data layer on real her2st files and on deliberately broken copies of them."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from histomoe_core.data import Sample
+from histomoe_core.data.fetch import fetch, verify
+from histomoe_core.data.genes import expressed_fraction, select_panel
+from histomoe_core.data.her2st import load_her2st
+from histomoe_core.data.manifests import load_manifest
+from histomoe_core.data.patches import PatchSpec, iter_patches, patch_qc
+from histomoe_core.data.splits import make_folds
+from histomoe_core.data.targets import make_targets
+from histomoe_core.errors import DataError, FetchError
+
+from conftest import DEFAULT_MIRROR
+
+MIRROR = Path(os.environ.get("HISTOMOE_MIRRORS", str(DEFAULT_MIRROR)).split(os.pathsep)[0]) / "her2st"
+
+
+def _source_rows(section: str) -> int:
+    with gzip.open(MIRROR / "data" / "ST-cnts" / f"{section}.tsv.gz", "rt") as f:
+        return sum(1 for _ in f) - 1  # header line
+
+
+def _linked_copy(tmp: Path, *, skip: str | None = None) -> Path:
+    """A mirror holding symlinks to the real her2st files (optionally without one)."""
+    root = tmp / "mirror" / "her2st"
+    for entry in load_manifest("her2st").files:
+        if entry.path == skip:
+            continue
+        dst = root / entry.path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(MIRROR / entry.path)
+    return root
+
+
+def test_her2st_has_8_sections_with_source_spot_counts(her2st):
+    assert her2st.ids == ["A1", "A2", "B4", "C2", "C3", "C4", "C5", "C6"]
+    assert her2st.patients == ["A", "B", "C"]
+    for s in her2st:
+        assert s.n_spots == _source_rows(s.sample_id)
+        assert s.coords.shape == (s.n_spots, 2)
+    assert sum(s.n_spots for s in her2st) == 1864
+
+
+def test_her2st_pixel_size_and_metadata(her2st):
+    full = [s.pixel_size_um for s in her2st if s.patient != "A"]
+    low = [s.pixel_size_um for s in her2st if s.patient == "A"]
+    assert all(0.6 < p < 0.8 for p in full) and all(2.8 < p < 3.6 for p in low)
+    b4 = her2st["B4"]
+    assert b4.meta["pgr"] == "+" and b4.meta["er"] == "-" and b4.meta["grade"] == "3"
+    assert her2st["C2"].meta["node_status"] == "+"
+    assert "PgR+" in b4.metadata_text() and b4.metadata_text().startswith("Breast")
+
+
+def test_manifest_matches_mirror_checksums():
+    sums = dict(reversed(line.split(None, 1)) for line in (MIRROR / "SHA256SUMS").read_text().splitlines() if line)
+    manifest = {f.path: f.sha256 for f in load_manifest("her2st").files}
+    assert {p.removeprefix("./"): h for p, h in sums.items()} == manifest
+    assert all(status == "ok" for _, status in verify("her2st"))
+
+
+def test_fetch_prefers_a_complete_mirror(tmp_path, monkeypatch):
+    broken = _linked_copy(tmp_path / "a", skip="data/ST-cnts/A1.tsv.gz")
+    monkeypatch.setenv("HISTOMOE_MIRRORS", os.pathsep.join([str(broken.parent), str(MIRROR.parent)]))
+    assert fetch("her2st", progress=False) == MIRROR
+
+
+def test_fetch_missing_file_fails_fast_and_names_it(tmp_path, monkeypatch):
+    mirror = _linked_copy(tmp_path, skip="data/ST-cnts/B4.tsv.gz")
+    monkeypatch.setenv("HISTOMOE_MIRRORS", str(mirror.parent))
+    monkeypatch.setenv("HISTOMOE_DATA_DIR", str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    with pytest.raises(FetchError) as err:
+        fetch("her2st", progress=False)
+    assert time.perf_counter() - t0 < 10
+    msg = str(err.value)
+    assert "data/ST-cnts/B4.tsv.gz" in msg and "HISTOMOE_MIRRORS" in msg
+    cache = tmp_path / "cache" / "her2st"
+    assert not (cache / "data/ST-cnts/B4.tsv.gz").exists()
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".part")]
+    # the files that were available were copied and verified, so a later fetch needs only the missing one
+    assert (cache / "data/ST-cnts/A1.tsv.gz").is_file()
+
+
+def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):
+    mirror = _linked_copy(tmp_path, skip="data/ST-spotfiles/C3_selection.tsv")
+    bad = mirror / "data/ST-spotfiles/C3_selection.tsv"
+    bad.write_text((MIRROR / "data/ST-spotfiles/C3_selection.tsv").read_text().replace("\t1\n", "\t0\n", 1))
+    monkeypatch.setenv("HISTOMOE_MIRRORS", str(mirror.parent))
+    monkeypatch.setenv("HISTOMOE_DATA_DIR", str(tmp_path / "cache"))
+    with pytest.raises(FetchError, match="C3_selection.tsv: sha256 mismatch"):
+        fetch("her2st", progress=False)
+    assert not (tmp_path / "cache" / "her2st" / "data/ST-spotfiles/C3_selection.tsv").exists()
+
+
+def test_counts_without_coordinates_are_refused(tmp_path):
+    root = _linked_copy(tmp_path, skip="data/ST-spotfiles/B4_selection.tsv")
+    lines = (MIRROR / "data/ST-spotfiles/B4_selection.tsv").read_text().splitlines()
+    (root / "data/ST-spotfiles/B4_selection.tsv").write_text("\n".join(lines[:-5]) + "\n")
+    with pytest.raises(DataError, match=r"B4_selection.tsv: \d+ count rows have no coordinates"):
+        load_her2st(root=root, sections=["B4"])
+
+
+def _toy_adata(x: np.ndarray) -> ad.AnnData:
+    a = ad.AnnData(X=sp.csr_matrix(x.astype(np.float32)))
+    a.obsm["spatial"] = np.zeros((x.shape[0], 2))
+    return a
+
+
+@pytest.mark.parametrize("value,word", [(np.nan, "NaN"), (-1.0, "negative")])
+def test_bad_counts_are_refused(value, word):
+    x = np.ones((4, 3))
+    x[1, 2] = value
+    with pytest.raises(DataError, match=word):
+        Sample("toy", "p", _toy_adata(x), pixel_size_um=0.5)
+
+
+def test_corrupt_image_is_refused(tmp_path, her2st):
+    a1 = her2st["A1"]
+    broken = tmp_path / "A1.png"
+    broken.write_bytes(Path(a1.image_path).read_bytes()[:50_000])
+    sample = Sample("A1", "A", a1.adata.copy(), a1.pixel_size_um, image_path=broken, meta=a1.meta)
+    with pytest.raises(DataError, match="corrupt or not an image"):
+        next(iter_patches(sample, PatchSpec(out_px=32)))
+
+
+def test_coordinates_outside_the_image_are_refused(her2st):
+    a1 = her2st["A1"]
+    adata = a1.adata.copy()
+    adata.obsm["spatial"] = a1.coords + np.array([5000.0, 0.0])
+    sample = Sample("A1", "A", adata, a1.pixel_size_um, image_path=a1.image_path, meta=a1.meta)
+    with pytest.raises(DataError, match="spot centres lie outside"):
+        next(iter_patches(sample, PatchSpec(out_px=32)))
+
+
+def test_patches_have_the_physical_size(her2st):
+    b4 = her2st["B4"]
+    spec = PatchSpec()
+    assert 150 <= spec.crop_px(b4.pixel_size_um) <= 175  # 112 um at ~0.69 um/px
+    idx, batch = next(iter_patches(b4, spec, batch_size=4))
+    assert batch.shape == (4, 224, 224, 3) and batch.dtype == np.uint8
+    assert list(idx) == [0, 1, 2, 3]
+    assert batch.std() > 10  # real tissue, not padding
+
+
+def test_patch_qc_flags_a2_background(her2st):
+    qc = patch_qc(her2st["A2"])
+    assert qc["in_image"].all()
+    # the README: 59 of A2's 325 spot centres land on the masked black background
+    assert 30 <= qc["is_background"].sum() <= 120
+    assert patch_qc(her2st["A1"])["is_background"].sum() < qc["is_background"].sum()
+
+
+def test_targets(her2st):
+    s = her2st["C2"]
+    genes = list(s.adata.var_names[:20])
+    raw = s.adata[:, genes].X.toarray()
+    np.testing.assert_allclose(make_targets(s.adata, genes, kind="log1p"), np.log1p(raw), rtol=1e-6)
+    norm = make_targets(s.adata, list(s.adata.var_names), kind="log1p_norm")
+    np.testing.assert_allclose(np.expm1(norm).sum(axis=1), 1e4, rtol=1e-3)
+    with pytest.raises(ValueError, match="unknown target kind"):
+        make_targets(s.adata, genes, kind="zscore")
+
+
+def test_lopo_folds_never_share_a_patient(her2st):
+    folds = make_folds(her2st, "lopo")
+    assert [f.name for f in folds] == ["test_A", "test_B", "test_C"]
+    patient = {s.sample_id: s.patient for s in her2st}
+    for f in folds:
+        assert not {patient[i] for i in f.train} & {patient[i] for i in f.test}
+        assert sorted(f.train + f.test) == sorted(her2st.ids)
+    k2 = make_folds(her2st, "kfold", k=2, seed=3)
+    assert sorted(sum((f.test for f in k2), ())) == sorted(her2st.ids)
+    with pytest.raises(ValueError, match="k must be"):
+        make_folds(her2st, "kfold", k=5)
+
+
+def test_panel_is_chosen_on_the_training_fold(her2st):
+    folds = make_folds(her2st, "lopo")
+    everything = set(select_panel(list(her2st), n_genes=50).index)
+    panels = {}
+    for fold in folds:
+        train = [her2st[i] for i in fold.train]
+        panel = select_panel(train, n_genes=50)
+        assert len(panel) == 50 and panel["variance"].is_monotonic_decreasing
+        assert (expressed_fraction(train, panel.index).min(axis=1) >= 0.1).all()
+        panels[fold.name] = set(panel.index)
+    # leaving a patient out changes the panel: a panel picked on all sections would leak the test fold
+    assert any(p != everything for p in panels.values())
+    assert len({frozenset(p) for p in panels.values()}) > 1
+
+
+def test_cli_summary(capsys):
+    from histomoe_core.cli import main
+
+    assert main(["data", "summary", "her2st"]) == 0
+    out = capsys.readouterr().out
+    assert "8 sections, 3 patients (A, B, C), 1864 spots" in out
+    for section, spots in {"B4": 283, "C6": 178, "A1": 346}.items():
+        assert any(line.startswith(section) and f" {spots} " in line for line in out.splitlines())
+    assert main(["data", "verify", "her2st"]) == 0
