@@ -142,7 +142,9 @@ def iter_patches(
     Spots whose crop leaves the image are padded with white (``pad``), skipped (``drop``) or refused
     (``error``) as ``spec.out_of_image`` says; :func:`patch_qc` counts them.
     """
-    if sample.image_path is None and sample.patches_path is not None:
+    native_um = float(sample.meta.get("patch_size_um", 112.0))
+    if sample.patches_path is not None and (sample.image_path is None or abs(native_um - spec.size_um) < 1e-6):
+        # HEST: the patch file, not the gigapixel slide, whenever it holds patches of the asked size
         yield from _iter_hest_patches(sample, spec, batch_size=batch_size, indices=indices)
         return
     if sample.image_path is None:
