@@ -10,7 +10,7 @@ import sys
 from histomoe_core.errors import HistoMoEError
 
 #: sub-command modules, in the order ``histomoe --help`` lists them
-COMMANDS = ["data"]
+COMMANDS = ["data", "embed"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
 """Plotting (scanpy-style ``pl``): functions take data first, keyword-only options, and return figures."""
 from histomoe_core.pl.spatial import spatial_scatter, thumbnail
+from histomoe_core.pl import embeddings  # noqa: F401  (pl.embeddings.umap, pl.embeddings.encoder_comparison, ...)
 
 __all__ = ["spatial_scatter", "thumbnail"]

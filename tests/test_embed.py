@@ -1,0 +1,340 @@
+"""Embedding cache: keys, hits, corrupt files, resume after a kill, and 2-rank torchrun sharding."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from PIL import Image
+
+from histomoe_core.data.patches import PatchSpec, iter_patches
+from histomoe_core.data.sample import Sample, SampleSet
+from histomoe_core.embed import embed_metadata, embed_samples, run_embedding, shard, slide_batches
+from histomoe_core.embed_cache import CorruptCacheWarning, embeddings_root, encoder_key, sample_content_key
+from histomoe_core.encoders import create_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def make_sample(folder: Path, sample_id: str = "S1", *, n: int = 30, seed: int = 0, shift: float = 0.0) -> Sample:
+    """A 400 x 300 px noise image at 1 um/px with ``n`` spots on a grid (two of them near the right edge)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    img = folder / f"{sample_id}.png"
+    if not img.exists():
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(img)
+    xs = np.linspace(60, 340, 10)
+    ys = np.linspace(60, 240, max(1, n // 10))
+    xy = np.array([(x, y) for y in ys for x in xs])[:n] + shift
+    xy[:2, 0] = 395  # crops of these two leave the image
+    adata = ad.AnnData(X=sp.csr_matrix(rng.poisson(2.0, (n, 5)).astype(np.float32)))
+    adata.obs_names = [f"{sample_id}_{i}" for i in range(n)]
+    adata.var_names = [f"g{i}" for i in range(5)]
+    adata.obsm["spatial"] = xy
+    return Sample(sample_id, "P1", adata, 1.0, image_path=img,
+                  meta={"organ": "Kidney", "cancer_type": "ccRCC", "oncotree_code": "CCRCC", "technology": "Visium",
+                        "dataset": "toy"})
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def toy(tmp_path) -> SampleSet:
+    return SampleSet("toy", [make_sample(tmp_path / "data", "S1", seed=1), make_sample(tmp_path / "data", "S2", n=20, seed=2)])
+
+
+def direct(sample: Sample, enc, spec=PatchSpec(), indices=None) -> np.ndarray:
+    """Embeddings computed without the cache, straight from iter_patches."""
+    out = np.full((sample.n_spots, enc.embed_dim), np.nan, np.float32)
+    with torch.inference_mode():
+        for idx, batch in iter_patches(sample, spec, batch_size=7, indices=indices):
+            out[idx] = enc(enc.preprocess(batch)).numpy()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ patches
+def _all(batches):
+    out = [(i, p) for i, p in batches]
+    return np.concatenate([i for i, _ in out]), np.concatenate([p for _, p in out])
+
+
+@pytest.mark.parametrize("mode", ["pad", "drop"])
+def test_slide_batches_are_the_data_layer_patches(toy, mode):
+    spec = PatchSpec(out_of_image=mode)
+    s = toy["S1"]
+    i1, p1 = _all(slide_batches(s, spec, batch_size=8))
+    i2, p2 = _all(iter_patches(s, spec, batch_size=8))
+    assert np.array_equal(i1, i2) and np.array_equal(p1, p2)
+    assert len(i1) == (30 if mode == "pad" else 28)
+
+
+def test_slide_batches_match_on_her2st(her2st):
+    for sid, idx in (("B4", np.arange(0, 283, 40)), ("A1", np.array([0, 5, 200]))):
+        i1, p1 = _all(slide_batches(her2st[sid], indices=idx, batch_size=4))
+        i2, p2 = _all(iter_patches(her2st[sid], indices=idx, batch_size=4))
+        assert np.array_equal(i1, idx) and np.array_equal(i1, i2) and np.array_equal(p1, p2), sid
+
+
+# ------------------------------------------------------------------------------------------------ results
+def test_embeddings_match_direct_computation_in_obs_order(toy, cache_home):
+    enc = create_encoder("tiny")
+    emb = embed_samples(toy, "tiny", batch_size=8, progress=False)
+    assert list(emb) == ["S1", "S2"]
+    for s in toy:
+        assert emb[s.sample_id].shape == (s.n_spots, 16) and emb[s.sample_id].dtype == np.float32
+        np.testing.assert_allclose(emb[s.sample_id], direct(s, enc), atol=1e-5)
+
+
+def test_rerun_reads_cache(toy, cache_home):
+    first, st1 = run_embedding(toy, "tiny", progress=False)
+    second, st2 = run_embedding(toy, "tiny", progress=False)
+    assert st1.computed == ["S1", "S2"] and st1.n_patches == 50
+    assert st2.cached == ["S1", "S2"] and st2.n_patches == 0
+    for k in first:
+        assert np.array_equal(first[k], second[k])
+    files = sorted(p.name for p in embeddings_root().rglob("*.npz"))
+    assert len(files) == 2 and not list(embeddings_root().rglob("*.part"))
+    with np.load(next(embeddings_root().rglob("S1-*.npz"))) as z:
+        assert z["spot_ids"].tolist() == list(toy["S1"].adata.obs_names) and z["emb"].shape == (30, 16)
+
+
+def test_warm_rerun_does_not_build_the_encoder_and_stale_cards_are_caught(toy, cache_home, monkeypatch):
+    import histomoe_core.embed as E
+    from histomoe_core.embed_cache import _card_path
+
+    first = embed_samples(toy, "tiny", progress=False)
+    built = []
+    real = E.create_encoder
+    monkeypatch.setattr(E, "create_encoder", lambda *a, **k: built.append(a) or real(*a, **k))
+    again, st = run_embedding(toy, "tiny", progress=False)
+    assert built == [] and st.cached == ["S1", "S2"]
+    # a remembered identity that no longer matches the encoder is replaced once something must be computed
+    card = _card_path("tiny")
+    card.write_text(card.read_text().replace("tiny-seed0", "tiny-seedX"))
+    fresh, st = run_embedding(toy, "tiny", progress=False)
+    assert len(built) == 1 and st.cached == ["S1", "S2"] and "tiny-seed0" in card.read_text()
+    for k in first:
+        assert np.array_equal(first[k], fresh[k])
+
+
+def test_dropped_spots_get_nan_rows(toy, cache_home):
+    emb = embed_samples(toy.subset(["S1"]), "tiny", spec=PatchSpec(out_of_image="drop"), progress=False)["S1"]
+    assert np.isnan(emb[:2]).all() and np.isfinite(emb[2:]).all()
+    again = embed_samples(toy.subset(["S1"]), "tiny", spec=PatchSpec(out_of_image="drop"), progress=False)["S1"]
+    assert np.array_equal(np.isnan(again), np.isnan(emb))
+
+
+# ------------------------------------------------------------------------------------------------ keys
+def test_cache_key_changes_with_what_decides_the_vectors(tmp_path, cache_home):
+    s = make_sample(tmp_path / "a", seed=1)
+    tiny, tiny1 = create_encoder("tiny"), create_encoder("tiny", seed=1)
+    base_enc = encoder_key(tiny, PatchSpec(), "fp32")
+    assert encoder_key(tiny, PatchSpec(), "fp32") == base_enc
+    assert encoder_key(tiny1, PatchSpec(), "fp32") != base_enc  # other weights
+    assert encoder_key(tiny, PatchSpec(size_um=56), "fp32") != base_enc  # other patch size
+    assert encoder_key(tiny, PatchSpec(out_px=112), "fp32") != base_enc
+    assert encoder_key(tiny, PatchSpec(), "bf16") != base_enc  # other precision
+
+    base = sample_content_key(s)
+    assert sample_content_key(make_sample(tmp_path / "a", seed=1)) == base
+    assert sample_content_key(make_sample(tmp_path / "a", seed=1, shift=1.0)) != base  # moved spots
+    moved = make_sample(tmp_path / "b", seed=1)  # same pixels and spots in another folder: same key
+    assert sample_content_key(moved) == base
+    other_pixels = make_sample(tmp_path / "c", seed=9)
+    assert sample_content_key(other_pixels) != base
+    s2 = make_sample(tmp_path / "a", seed=1)
+    s2.pixel_size_um = 0.5
+    assert sample_content_key(s2) != base
+    s3 = make_sample(tmp_path / "a", seed=1)
+    s3.adata.obs_names = [f"x{i}" for i in range(s3.n_spots)]
+    assert sample_content_key(s3) != base
+
+
+def test_changed_inputs_never_return_stale_vectors(tmp_path, cache_home):
+    s = make_sample(tmp_path / "a", seed=1)
+    old = embed_samples([s], "tiny", progress=False)["S1"]
+    # rewrite the image in place with other pixels (same path, same spots)
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(s.image_path)
+    os.utime(s.image_path, ns=(time.time_ns() + 10**9,) * 2)
+    new, st = run_embedding([s], "tiny", progress=False)
+    assert st.computed == ["S1"]
+    assert not np.allclose(new["S1"], old)
+    np.testing.assert_allclose(new["S1"], direct(s, create_encoder("tiny")), atol=1e-5)
+    assert len(list(embeddings_root().rglob("S1-*.npz"))) == 2
+
+
+# ------------------------------------------------------------------------------------------------ corruption
+def test_truncated_cache_file_is_detected_and_recomputed(toy, cache_home):
+    ref = embed_samples(toy, "tiny", progress=False)
+    path = next(embeddings_root().rglob("S1-*.npz"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.warns(CorruptCacheWarning, match="corrupt"):
+        again, st = run_embedding(toy, "tiny", progress=False)
+    assert st.computed == ["S1"] and st.cached == ["S2"]
+    np.testing.assert_array_equal(again["S1"], ref["S1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CorruptCacheWarning)
+        assert run_embedding(toy, "tiny", progress=False)[1].cached == ["S1", "S2"]
+
+
+def test_garbage_and_foreign_files_are_recomputed(toy, cache_home):
+    ref = embed_samples(toy, "tiny", progress=False)
+    p1 = next(embeddings_root().rglob("S1-*.npz"))
+    p2 = next(embeddings_root().rglob("S2-*.npz"))
+    p1.write_bytes(b"not a zip file")
+    shutil.copy(p2, p1)  # a valid file of another sample under S1's name: wrong key inside
+    with pytest.warns(CorruptCacheWarning):
+        again, st = run_embedding(toy, "tiny", progress=False)
+    assert st.computed == ["S1"]
+    np.testing.assert_array_equal(again["S1"], ref["S1"])
+
+
+# ------------------------------------------------------------------------------------------------ resume
+KILLED_RUN = """
+import sys, time
+from histomoe_core.data import load_dataset
+from histomoe_core.embed import embed_samples
+from histomoe_core.encoders import create_encoder
+enc = create_encoder("tiny")
+fast = enc.forward
+def slow(x):
+    time.sleep(0.4)
+    return fast(x)
+enc.forward = slow
+embed_samples(load_dataset("her2st", sections=["A1"]), enc, batch_size=32, progress=False)
+print("FINISHED")
+"""
+
+
+def test_resume_after_kill_recomputes_only_missing_spots(her2st, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    env = os.environ | {"HISTOMOE_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    chunks: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        chunks = list(cache.rglob("chunk-*.npz"))
+        if len(chunks) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_spots = her2st["A1"].n_spots
+    done = sum(len(np.load(c)["idx"]) for c in cache.rglob("chunk-*.npz"))
+    assert 0 < done < n_spots and not list(cache.rglob("A1-*.npz"))
+    # a chunk being written at the kill stays a hidden temp file; a truncated chunk is recomputed too
+    last = sorted(cache.rglob("chunk-*.npz"))[-1]
+    lost = len(np.load(last)["idx"])
+    last.write_bytes(last.read_bytes()[:100])
+
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(cache))
+    section = her2st.subset(["A1"])
+    with pytest.warns(CorruptCacheWarning):
+        emb, st = run_embedding(section, "tiny", batch_size=32, progress=False)
+    assert st.resumed == ["A1"] and st.n_patches == n_spots - done + lost
+    assert not list(cache.rglob("*.part"))
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / "fresh"))
+    fresh = embed_samples(section, "tiny", batch_size=32, progress=False)
+    np.testing.assert_allclose(emb["A1"], fresh["A1"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+def test_shard_is_disjoint_complete_and_balanced(toy):
+    class J:  # stands in for a planned job: a sample and its missing spots
+        def __init__(self, sid, n):
+            self.sample = type("S", (), {"sample_id": sid})()
+            self.missing = np.arange(n)
+
+    jobs = [J(f"s{i}", n) for i, n in enumerate([300, 180, 190, 50, 40, 350])]
+    parts = [shard(jobs, r, 2) for r in range(2)]
+    ids = [[j.sample.sample_id for j in p] for p in parts]
+    assert sorted(ids[0] + ids[1]) == sorted(j.sample.sample_id for j in jobs) and not set(ids[0]) & set(ids[1])
+    loads = [sum(len(j.missing) for j in p) for p in parts]
+    assert abs(loads[0] - loads[1]) <= 50
+
+
+def test_torchrun_two_ranks_equal_single_process(her2st, tmp_path):
+    sections = ["A1", "A2"]
+    common = ["embed", "her2st", "--encoder", "tiny", "--sections", *sections, "--no-progress"]
+    base_env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "histomoe_core.cli", *common],
+        env=base_env | {"HISTOMOE_CACHE_DIR": str(multi)}, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(2 ranks)" in run.stdout
+    run1 = subprocess.run([sys.executable, "-m", "histomoe_core.cli", *common],
+                          env=base_env | {"HISTOMOE_CACHE_DIR": str(single)}, capture_output=True, text=True, timeout=180)
+    assert run1.returncode == 0, run1.stderr[-3000:]
+    files_m = sorted(p.relative_to(multi) for p in multi.rglob("*.npz"))
+    files_s = sorted(p.relative_to(single) for p in single.rglob("*.npz"))
+    assert files_m == files_s and len(files_m) == 2
+    for rel in files_m:
+        with np.load(multi / rel) as a, np.load(single / rel) as b:
+            assert a["spot_ids"].tolist() == b["spot_ids"].tolist()
+            assert str(a["key"]) == str(b["key"])
+            np.testing.assert_allclose(a["emb"], b["emb"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def test_embed_metadata(toy):
+    meta = embed_metadata(toy)
+    assert set(meta) == {"S1", "S2"} and meta["S1"].shape == (384,)
+    np.testing.assert_allclose(meta["S1"], meta["S2"], atol=1e-6)  # same organ / cancer type
+    onehot = embed_metadata(toy, "onehot", fields=("organ",))
+    assert onehot["S1"].tolist() == [1.0]
+
+
+# ------------------------------------------------------------------------------------------------ embed_eval
+def test_reference_vs_others_known_answer():
+    import pandas as pd
+
+    from histomoe_core.embed_eval import comparison_summary, reference_vs_others
+
+    r = pd.DataFrame({
+        "encoder": ["pre"] * 3 + ["rand_a"] * 3 + ["rand_b"] * 3,
+        "pretrained": [True] * 3 + [False] * 6,
+        "target": ["log1p"] * 9,
+        "fold": ["A", "B", "C"] * 3,
+        "pearson": [0.3, 0.1, 0.2, 0.25, 0.15, 0.05, 0.0, 0.0, 0.54],
+    })
+    v = reference_vs_others(r, "pre").loc["log1p"]
+    assert v["best_other"] == "rand_b" and v["other_mean"] == pytest.approx(0.18)
+    assert v["gap"] == pytest.approx(0.02) and v["sd_over_patients"] == pytest.approx(0.1)
+    assert v["gap_vs_spread"] == "smaller" and v["reference_wins"] == 1 and v["patients"] == 3
+    s = comparison_summary(r)
+    assert s.loc[("log1p", "rand_a"), "mean"] == pytest.approx(0.15) and s.loc[("log1p", "pre"), "folds"] == 3
+
+
+def test_section_mixing_and_marker(toy):
+    import anndata as ad
+    import pandas as pd
+
+    from histomoe_core.embed_eval import pick_marker, section_mixing
+
+    # two well separated blobs, one per section: every neighbour is from the spot's own section
+    x = np.concatenate([np.zeros((20, 3)), np.full((10, 3), 100.0)]) + np.random.default_rng(0).normal(size=(30, 3))
+    a = ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame({"section": ["a"] * 20 + ["b"] * 10}, index=map(str, range(30))))
+    a.obsm["X_emb"] = a.X
+    m = section_mixing(a, n_neighbors=5)
+    assert m["same_neighbours"].tolist() == [1.0, 1.0]
+    assert m["chance"].round(3).tolist() == [round(20 / 30, 3), round(10 / 30, 3)]
+    assert pick_marker(toy, "g3") == "g3"
+    assert pick_marker(toy, "NOT_A_GENE") in {f"g{i}" for i in range(5)}
