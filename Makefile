@@ -21,10 +21,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 book: $(STAMP)
-	$(BIN)/histomoe book --profile $(PROFILE)
+	$(BIN)/histomoe book --profile $(PROFILE) --keep-going
 
 book-smoke: $(STAMP)
-	$(BIN)/histomoe book --profile smoke
+	$(BIN)/histomoe book --profile smoke --keep-going
 
 clean-book:
 	rm -rf book/_build book/_executed

@@ -23,6 +23,18 @@ def thumbnail(sample: Sample, *, max_px: int = THUMB_PX) -> tuple[np.ndarray, fl
     return img, f
 
 
+def grid_spot_um(sample: Sample, *, fill: float = 0.85) -> float:
+    """A drawn spot diameter (um) that fills ``fill`` of the spot grid pitch (median nearest-neighbour distance),
+    so per-spot colours stay readable at figure size (the measured spot itself may be smaller)."""
+    from scipy.spatial import cKDTree
+
+    xy = sample.coords
+    if len(xy) < 2:
+        return 100.0
+    d, _ = cKDTree(xy).query(xy, 2)
+    return float(fill * np.median(d[:, 1]) * sample.pixel_size_um)
+
+
 def spatial_scatter(
     sample: Sample,
     values: Sequence | np.ndarray | None = None,
@@ -36,31 +48,42 @@ def spatial_scatter(
     image: tuple[np.ndarray, float] | None = None,
     colorbar: bool = True,
     crop: bool = True,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    palette: dict[str, str] | None = None,
+    legend: bool = True,
+    image_alpha: float = 1.0,
 ) -> plt.Axes:
     """Draw ``values`` (one per spot; outlines only when None) over the sample's H&E thumbnail.
 
     ``spot_um`` sets the drawn spot diameter in micrometres; pass ``image=thumbnail(sample)`` to reuse a
-    decoded thumbnail across several panels.
+    decoded thumbnail across several panels. ``vmin``/``vmax`` fix the colour range of continuous values;
+    ``palette`` maps category -> colour so categories keep their colour across panels (category order follows
+    a pandas Categorical's categories, else sorted values). ``image_alpha`` < 1 fades the H&E under the spots.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
     img, f = image if image is not None else thumbnail(sample)
     xy = sample.coords * f
-    ax.imshow(img)
+    ax.imshow(img, alpha=image_alpha)
     diameter_px = spot_um / sample.pixel_size_um * f
     size = (diameter_px * 72 / ax.figure.dpi) ** 2 * _axes_scale(ax, img)
     if values is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=size, facecolors="none", edgecolors="black", linewidths=0.6)
     elif categorical:
         cats = np.asarray(values).astype(str)
-        levels = sorted(set(cats))
+        declared = getattr(getattr(values, "cat", values), "categories", None)
+        levels = [str(c) for c in declared if str(c) in set(cats)] if declared is not None else sorted(set(cats))
         colors = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
         for i, lev in enumerate(levels):
             m = cats == lev
-            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=colors(i % colors.N), alpha=alpha, label=lev, linewidths=0)
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, markerscale=0.5)
+            color = palette[lev] if palette is not None and lev in palette else colors(i % colors.N)
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=color, alpha=alpha, label=lev, linewidths=0)
+        if legend:
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, markerscale=0.5)
     else:
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(values, dtype=float), s=size, cmap=cmap, alpha=alpha, linewidths=0)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(values, dtype=float), s=size, cmap=cmap, alpha=alpha,
+                        linewidths=0, vmin=vmin, vmax=vmax)
         if colorbar:
             ax.figure.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
     if crop:

@@ -1,0 +1,264 @@
+"""Baselines on the same embeddings as HistoMoE (registry ``BASELINES``; every entry builds an estimator with
+``fit(train: FoldData, *, seed) -> self`` and ``predict(data: FoldData) -> (N, G)``).
+
+- ``ridge_hest``: HEST-Bench's head: StandardScaler -> PCA(256) -> Ridge(fit_intercept=False, solver="lsqr",
+  alpha = 100 / (n_pca_features * n_genes)), all fit on the training fold.
+- ``ridge_cv``: the same features, ridge alpha chosen by patient-grouped inner cross-validation on the HEST
+  metric (pooled Pearson), with an intercept.
+- ``knn``: BLEEP-style retrieval: mean target of the k most cosine-similar training spots in the
+  standardised PCA space, k chosen by inner patient-grouped CV (or fixed).
+- ``per_context``: one ``ridge_cv`` per context label (organ / cancer type); contexts unseen in training fall
+  back to a model fit on all training spots.
+- ``mlp``: a single MLP (a one-expert HistoMoE) with about the parameter count of the reference MoE, trained
+  with the same loop (:mod:`histomoe_core.train`).
+
+The linear-algebra helpers (:class:`Preprocess`, :func:`ridge_path`, :func:`cv_ridge_alpha`, :func:`knn_predict`)
+are shared with the MoE estimator, which can start from the ridge solution and use retrieval as an expert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from histomoe_core.evaluate import pearson_columns
+from histomoe_core.features import FoldData, group_folds
+from histomoe_core.registry import Registry
+
+BASELINES: Registry[Any] = Registry("baseline")
+
+#: ridge penalties tried by inner cross-validation (features are standardised PCA scores)
+ALPHAS = tuple(float(a) for a in np.logspace(-1, 6, 29))
+#: neighbour counts tried by inner cross-validation
+KS = (5, 10, 20, 50, 100, 200)
+
+
+class Estimator(Protocol):
+    name: str
+    deterministic: bool
+
+    def fit(self, data: FoldData, *, seed: int = 0) -> "Estimator": ...
+
+    def predict(self, data: FoldData) -> np.ndarray: ...
+
+
+def hest_metric(y: np.ndarray, p: np.ndarray) -> float:
+    r = pearson_columns(y, p)
+    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared linear algebra
+
+
+@dataclass
+class Preprocess:
+    """StandardScaler -> PCA(n_components) fit on training embeddings (numpy; float64)."""
+
+    n_components: int | None = 256
+    mean: np.ndarray = field(default=None, repr=False)
+    scale: np.ndarray = field(default=None, repr=False)
+    components: np.ndarray = field(default=None, repr=False)  # (D, P)
+
+    def fit(self, x: np.ndarray) -> "Preprocess":
+        x = np.asarray(x, dtype=np.float64)
+        self.mean = x.mean(0)
+        self.scale = x.std(0)
+        self.scale[self.scale < 1e-6] = 1e-6
+        z = (x - self.mean) / self.scale
+        k = self.n_components
+        if k is None or k >= x.shape[1]:
+            self.components = np.eye(x.shape[1])
+        else:
+            k = min(k, min(z.shape))
+            _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+            comps = vt[:k].T
+            sign = np.sign(comps[np.abs(comps).argmax(0), np.arange(k)])
+            self.components = comps * sign
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.components
+
+
+def ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], *, intercept: bool = True):
+    """Ridge solutions for every alpha from one SVD: returns ``(coefs (A, P, G), intercepts (A, G))``."""
+    zm = z.mean(0) if intercept else np.zeros(z.shape[1])
+    ym = y.mean(0) if intercept else np.zeros(y.shape[1])
+    u, s, vt = np.linalg.svd(z - zm, full_matrices=False)
+    uty = u.T @ (y - ym)
+    coefs = np.stack([vt.T @ ((s / (s**2 + a))[:, None] * uty) for a in alphas])
+    intercepts = ym[None] - np.einsum("p,apg->ag", zm, coefs)
+    return coefs, intercepts
+
+
+def cv_ridge_alpha(z: np.ndarray, y: np.ndarray, folds, alphas: Sequence[float] = ALPHAS) -> tuple[float, np.ndarray]:
+    """Alpha with the best mean inner-fold HEST metric; also the score of every alpha."""
+    scores = np.zeros(len(alphas))
+    for tr, va in folds:
+        coefs, b = ridge_path(z[tr], y[tr], alphas)
+        for i in range(len(alphas)):
+            scores[i] += hest_metric(y[va], z[va] @ coefs[i] + b[i]) / len(folds)
+    return float(alphas[int(np.argmax(scores))]), scores
+
+
+def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
+    """Mean target of the k most cosine-similar bank rows, for every k in ``ks`` (one sort)."""
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    sim = unit(query_z) @ unit(bank_z).T
+    kmax = min(max(ks), sim.shape[1])
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :kmax]
+    csum = np.cumsum(bank_y[order], axis=1)  # (Q, kmax, G)
+    return {k: csum[:, min(k, kmax) - 1] / min(k, kmax) for k in ks}
+
+
+def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS) -> tuple[int, np.ndarray]:
+    scores = np.zeros(len(ks))
+    for tr, va in folds:
+        preds = knn_predict(z[tr], y[tr], z[va], ks)
+        for i, k in enumerate(ks):
+            scores[i] += hest_metric(y[va], preds[k]) / len(folds)
+    return int(ks[int(np.argmax(scores))]), scores
+
+
+# ----------------------------------------------------------------------------------------------------------
+# estimators
+
+
+@BASELINES.register("ridge_hest")
+class HESTRidge:
+    """HEST-Bench ridge: scaler + PCA-256 + Ridge(alpha = 100 / (P * G), no intercept, lsqr)."""
+
+    deterministic = True
+
+    def __init__(self, *, n_components: int = 256, name: str = "ridge_hest") -> None:
+        self.name, self.n_components = name, n_components
+
+    def fit(self, data: FoldData, *, seed: int = 0) -> "HESTRidge":
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        k = min(self.n_components, *data.x.shape)
+        self.pipe = Pipeline([("scaler", StandardScaler()), ("pca", PCA(n_components=k, random_state=0))])
+        z = self.pipe.fit_transform(data.x)
+        self.alpha = 100.0 / (z.shape[1] * data.y.shape[1])
+        self.reg = Ridge(alpha=self.alpha, fit_intercept=False, solver="lsqr", max_iter=1000, random_state=0)
+        self.reg.fit(z, data.y)
+        return self
+
+    def predict(self, data: FoldData) -> np.ndarray:
+        return self.reg.predict(self.pipe.transform(data.x)).astype(np.float32)
+
+    def info(self) -> dict:
+        return {"alpha": self.alpha}
+
+
+@BASELINES.register("ridge_cv")
+class RidgeCV:
+    """Scaler + PCA + ridge with an intercept; alpha by patient-grouped inner CV on the HEST metric."""
+
+    deterministic = True
+
+    def __init__(self, *, n_components: int | None = 256, alphas: Sequence[float] = ALPHAS, alpha: float | None = None,
+                 name: str = "ridge_cv") -> None:
+        self.name, self.alphas, self.fixed_alpha = name, tuple(alphas), alpha
+        self.prep = Preprocess(n_components)
+
+    def fit(self, data: FoldData, *, seed: int = 0, z: np.ndarray | None = None) -> "RidgeCV":
+        if z is None:
+            z = self.prep.fit(data.x).transform(data.x)
+        y = data.y.astype(np.float64)
+        if self.fixed_alpha is None:
+            self.alpha, self.cv_scores = cv_ridge_alpha(z, y, group_folds(data), self.alphas)
+        else:
+            self.alpha = float(self.fixed_alpha)
+        coefs, b = ridge_path(z, y, [self.alpha])
+        self.coef, self.intercept = coefs[0], b[0]
+        return self
+
+    def predict_z(self, z: np.ndarray) -> np.ndarray:
+        return (z @ self.coef + self.intercept).astype(np.float32)
+
+    def predict(self, data: FoldData) -> np.ndarray:
+        return self.predict_z(self.prep.transform(data.x))
+
+    def info(self) -> dict:
+        return {"alpha": self.alpha}
+
+
+@BASELINES.register("knn")
+class KNNRetrieval:
+    """Nearest-neighbour retrieval of training spots (cosine, standardised PCA space); k by inner CV."""
+
+    deterministic = True
+
+    def __init__(self, *, n_components: int | None = 256, k: int | None = None, ks: Sequence[int] = KS,
+                 name: str = "knn") -> None:
+        self.name, self.fixed_k, self.ks = name, k, tuple(ks)
+        self.prep = Preprocess(n_components)
+
+    def fit(self, data: FoldData, *, seed: int = 0) -> "KNNRetrieval":
+        self.z = self.prep.fit(data.x).transform(data.x)
+        self.y = data.y.astype(np.float64)
+        if self.fixed_k is None:
+            self.k, self.cv_scores = cv_knn_k(self.z, self.y, group_folds(data), self.ks)
+        else:
+            self.k = int(self.fixed_k)
+        return self
+
+    def predict(self, data: FoldData) -> np.ndarray:
+        return knn_predict(self.z, self.y, self.prep.transform(data.x), [self.k])[self.k].astype(np.float32)
+
+    def info(self) -> dict:
+        return {"k": self.k}
+
+
+@BASELINES.register("per_context")
+class PerContext:
+    """One ``ridge_cv`` per context label; unseen contexts use a model fit on every training spot."""
+
+    deterministic = True
+
+    def __init__(self, *, n_components: int | None = 256, min_spots: int = 50, name: str = "per_context") -> None:
+        self.name, self.n_components, self.min_spots = name, n_components, min_spots
+
+    def fit(self, data: FoldData, *, seed: int = 0) -> "PerContext":
+        self.fallback = RidgeCV(n_components=self.n_components).fit(data, seed=seed)
+        self.models = {}
+        for c in np.unique(data.context):
+            part = data.take(data.context == c)
+            if len(part) < self.min_spots:
+                continue
+            groups = np.unique(part.patient if len(np.unique(part.patient)) > 1 else part.sample)
+            alpha = None if len(groups) > 1 else self.fallback.alpha  # no inner CV possible: global alpha
+            self.models[int(c)] = RidgeCV(n_components=self.n_components, alpha=alpha).fit(part, seed=seed)
+        return self
+
+    def predict(self, data: FoldData) -> np.ndarray:
+        out = self.fallback.predict(data)
+        for c, m in self.models.items():
+            sel = data.context == c
+            if sel.any():
+                out[sel] = m.predict(data.take(sel))
+        return out
+
+    def info(self) -> dict:
+        return {"contexts": sorted(self.models), "alphas": [m.alpha for m in self.models.values()]}
+
+
+@BASELINES.register("mlp")
+def single_mlp(*, match_experts: int = 4, hidden: int = 128, train: dict | None = None, name: str = "mlp", **moe: Any):
+    """A single MLP with the parameter count of a ``match_experts``-expert MoE of ``hidden``-unit MLP experts."""
+    from histomoe_core.train import MoERegressor
+
+    return MoERegressor(name=name, n_experts=1, hidden=hidden * match_experts, router_input="image",
+                        train=train, **moe)
+
+
+def create_baseline(name: str, **kw) -> Estimator:
+    return BASELINES.create(name, **kw)

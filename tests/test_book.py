@@ -1,0 +1,337 @@
+"""The book: thin chapter sources, the runner's cache keys, and a full build of the smoke book.
+
+The smoke build (every chapter on synthetic data, then Jupyter Book) is the slowest test of the suite: one test
+builds it into a temporary copy of the book and runs every check on the result.
+"""
+from __future__ import annotations
+
+import ast
+import html
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from histomoe_core import book
+from histomoe_core.errors import HistoMoEError
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ["_config.yml", "_toc.yml", "book/intro.md", "book/references.bib", "book/chapters", "book/configs"]
+#: a tag that loads a script, stylesheet, image or frame from another host
+REMOTE = re.compile(r"<(?:script|link|img|iframe|source|embed)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
+CSS_REMOTE = re.compile(r"@import\s+(?:url\()?\s*[\"']?(?:https?:)?//", re.I)
+#: code that fetches scripts or styles at run time (e.g. Altair's default HTML loads vega through requirejs)
+REMOTE_CODE = re.compile(
+    r"(?:https?:)?//(?:cdn\.jsdelivr\.net|unpkg\.com|cdnjs\.cloudflare\.com|cdn\.plot\.ly|code\.jquery\.com|"
+    r"cdn\.bokeh\.org|ajax\.googleapis\.com|fonts\.googleapis\.com)|https?://[^\s\"'<>]+\.(?:m?js|css)(?=[?\"'\s]|$)", re.I)
+#: string literals that look like file paths of one machine
+LITERAL_PATH = re.compile(r"^(?:/|~|\.\.?/)|\.(?:csv|tsv|npz|npy|h5ad|h5|png|jpe?g|tiff?|ipynb|ya?ml|json|pt|pth)$", re.I)
+
+
+def copy_book(dst: Path) -> Path:
+    for rel in SOURCES:
+        src = REPO / rel
+        if src.is_dir():
+            shutil.copytree(src, dst / rel, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        elif src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst / rel)
+    return dst
+
+
+@contextmanager
+def home(path: Path):
+    """Run the book with its own HistoMoE home (shared by xdist workers), restoring the test's afterwards."""
+    keys = ("HISTOMOE_HOME", "HISTOMOE_CACHE_DIR", "HISTOMOE_RUNS_DIR", "HISTOMOE_DATA_DIR")
+    old = {k: os.environ.get(k) for k in keys}
+    for k in keys[1:]:
+        os.environ.pop(k, None)
+    os.environ["HISTOMOE_HOME"] = str(path)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------------------------- static checks
+
+
+CHAPTERS = book.discover_chapters(REPO)
+
+
+def test_chapters_exist():
+    assert CHAPTERS, "no chapters in book/chapters"
+    assert all(re.fullmatch(r"\d\d_[a-z0-9_]+", c.stem) for c in CHAPTERS), [c.stem for c in CHAPTERS]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.stem)
+def test_chapter_is_thin(chapter):
+    """One `parameters` cell with profile/dataset/seed; no def/class; no literal file paths; a title first."""
+    nb = book.read_chapter(chapter)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.lstrip().startswith("# "), "first cell: a # title"
+    declared = book.declared_parameters(nb)
+    assert {"profile", "dataset", "seed"} <= set(declared), f"parameters cell declares {sorted(declared)}"
+    first_code = next(c for c in nb.cells if c.cell_type == "code" and "colab" not in c.metadata.get("tags", []))
+    assert "parameters" in first_code.metadata.get("tags", []), "the parameters cell must be the first code cell"
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(code)):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)), (
+                f"{chapter.path.name}: define functions in histomoe_core, not in chapters ({ast.unparse(node)[:60]})")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not LITERAL_PATH.search(node.value), f"{chapter.path.name}: literal path {node.value!r}"
+
+
+def test_toc_lists_every_chapter():
+    assert (REPO / "_toc.yml").read_text() == book.render_toc(CHAPTERS), "run `histomoe book --sync-toc` to regenerate _toc.yml"
+
+
+def test_profiles_load_and_name_known_parameters():
+    declared = set().union(*(book.declared_parameters(book.read_chapter(c)) for c in CHAPTERS))
+    for name in ("smoke", "her2st", "hest"):
+        prof = book.load_profile(name, REPO)
+        assert prof.parameters["dataset"] and "seed" in prof.parameters
+        unused = set(prof.parameters) - declared
+        assert not unused, f"profile {name} sets parameters no chapter declares: {sorted(unused)}"
+    with pytest.raises(HistoMoEError, match="profiles: .*smoke"):
+        book.load_profile("nope", REPO)
+
+
+def test_overrides_parse_as_yaml():
+    assert book.parse_overrides(["seed=1", "encoder=tiny", "dataset_options={task: PRAD}", "device="]) == {
+        "seed": 1, "encoder": "tiny", "dataset_options": {"task": "PRAD"}, "device": None}
+    with pytest.raises(HistoMoEError, match="NAME=VALUE"):
+        book.parse_overrides(["seed"])
+
+
+def test_module_closure_follows_imports(tmp_path):
+    pkg = tmp_path / "histomoe_core"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "from histomoe_core.sub import b\n",
+        "sub/__init__.py": "",
+        "sub/b.py": "def f():\n    from . import c\n",  # a lazy relative import counts
+        "sub/c.py": "import numpy\n",
+        "unused.py": "",
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(text)
+    got = book.module_closure({"histomoe_core.a"}, tmp_path)
+    assert set(got) == {"histomoe_core", "histomoe_core.a", "histomoe_core.sub", "histomoe_core.sub.b", "histomoe_core.sub.c"}
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("from histomoe_core.a import thing")])
+    before = book.code_fingerprint_for(nb, tmp_path)
+    (pkg / "unused.py").write_text("x = 1\n")
+    assert book.code_fingerprint_for(nb, tmp_path) == before, "a module the chapter does not import changed its key"
+    (pkg / "sub" / "c.py").write_text("import numpy as np\n")
+    assert book.code_fingerprint_for(nb, tmp_path) != before, "a module the chapter imports did not change its key"
+
+
+def test_key_depends_on_parameters_and_source(tmp_path):
+    root = copy_book(tmp_path)
+    ch = next(c for c in book.discover_chapters(root) if c.stem == "01_data")
+    url = book.repository_url(root)
+    k0, parts = book.chapter_key(ch, {"seed": 0}, url)
+    assert book.chapter_key(ch, {"seed": 0}, url)[0] == k0
+    assert book.chapter_key(ch, {"seed": 1}, url)[0] != k0
+    ch.path.write_text(ch.path.read_text() + "\n# %%\n1\n")
+    assert book.chapter_key(ch, {"seed": 0}, url)[0] != k0
+    assert "histomoe_core.pl.data" in parts["code"] and "histomoe_core.book" not in parts["code"]
+    assert "her2st" in parts["manifests"]
+
+
+def test_unknown_parameter_is_refused_before_running(tmp_path):
+    root = copy_book(tmp_path)
+    with pytest.raises(HistoMoEError, match="not declared"):
+        book.build_book("smoke", chapters=[CHAPTERS[0].number], overrides={"no_such_knob": 1}, root=root, html=False)
+    with pytest.raises(HistoMoEError, match="no chapter"):
+        book.build_book("smoke", chapters=["99"], root=root, html=False)
+
+
+TINY_CHAPTER = """# %% [markdown]
+# # {title}
+
+# %% tags=["parameters"]
+profile = "x"
+dataset = "x"
+seed = 0
+
+# %%
+{code}
+"""
+
+
+def test_failed_chapter_is_named_not_cached_and_others_still_run(tmp_path):
+    root = copy_book(tmp_path)
+    shutil.rmtree(root / book.CHAPTERS_DIR)
+    (root / book.CHAPTERS_DIR).mkdir()
+    (root / book.CHAPTERS_DIR / "01_fails.py").write_text(TINY_CHAPTER.format(title="Fails", code="raise ValueError(f'boom {seed}')"))
+    (root / book.CHAPTERS_DIR / "02_works.py").write_text(TINY_CHAPTER.format(title="Works", code="print(seed + 1)"))
+    with home(tmp_path / "home"):
+        with pytest.raises(HistoMoEError, match=r"01_fails failed at cell \d+ .*ValueError: boom 0"):
+            book.build_book("smoke", root=root, html=False, keep_going=True, log=lambda _: None)
+        assert (root / book.EXECUTED_DIR / "02_works.ipynb").is_file()
+        again = book.build_book("smoke", chapters=["02"], root=root, html=False, log=lambda _: None)
+        assert [r.status for r in again.runs] == ["kept", "cached"]
+        with pytest.raises(HistoMoEError, match="01_fails failed"):  # a failure is never cached
+            book.build_book("smoke", chapters=["01"], root=root, html=False, log=lambda _: None)
+    nb = nbformat.read(root / book.EXECUTED_DIR / "02_works.ipynb", as_version=4)
+    assert nb.cells[-1].outputs[0]["text"].strip() == "1"
+
+
+def test_colab_cell_installs_only_on_colab():
+    src = book.colab_source("https://github.com/example/fork")
+    assert 'if "google.colab" in sys.modules:' in src and "https://github.com/example/fork" in src
+    ns: dict = {}
+    exec(compile(src, "colab", "exec"), ns)  # here: not Colab, so nothing is cloned or installed
+    assert "subprocess" not in ns
+
+
+# --------------------------------------------------------------------------------------------- the smoke build
+
+
+def build_smoke_book(base: Path) -> dict:
+    """Copy the book to ``base/root`` and build it with the smoke profile and its own HistoMoE home."""
+    root = copy_book(base / "root")
+    logs: list[str] = []
+    with home(base / "home"):
+        result = book.build_book("smoke", root=root, keep_going=True, log=logs.append)  # names every failed chapter
+    return {
+        "root": root, "html": result.html_dir, "home": base / "home", "seconds": result.seconds, "log": logs,
+        "runs": [{"stem": r.chapter.stem, "status": r.status, "seconds": r.seconds, "parameters": r.parameters}
+                 for r in result.runs],
+    }
+
+
+def test_smoke_book(tmp_path):
+    """Builds the smoke book once (the slowest test of the suite) and runs every check on it; one test, so
+    that pytest-xdist never builds it twice. Each check reports on its own."""
+    info = build_smoke_book(tmp_path / "smoke")
+    checks = [check_every_chapter_executed, check_every_chapter_page_exists, check_pages_load_nothing_from_the_internet,
+              check_chapter_pages_show_figures, check_notebooks_have_no_errors_and_carry_their_parameters,
+              check_notebooks_show_no_paths_of_this_machine, check_rebuild_reuses_cache_and_reruns_one_chapter]
+    problems = []
+    for check in checks:
+        try:
+            check(info, tmp_path / check.__name__)
+        except AssertionError as exc:
+            problems.append(f"{check.__name__}: {exc}")
+    print(f"smoke book: {info['seconds']:.0f} s; " + ", ".join(f"{r['stem']} {r['seconds']:.0f} s" for r in info["runs"]))
+    assert not problems, "\n\n".join(problems)
+
+
+def check_every_chapter_executed(smoke_book, tmp_path):
+    assert [r["stem"] for r in smoke_book["runs"]] == [c.stem for c in CHAPTERS]
+    assert all(r["status"] == "executed" for r in smoke_book["runs"]), smoke_book["runs"]
+    warnings = [line for line in smoke_book["log"] if "WARNING" in line]
+    assert not warnings, "\n".join(warnings)
+
+
+def check_every_chapter_page_exists(smoke_book, tmp_path):
+    html_dir = smoke_book["html"]
+    assert (html_dir / "index.html").is_file() and (html_dir / "book" / "intro.html").is_file()
+    for c in CHAPTERS:
+        page = html_dir / book.EXECUTED_DIR / f"{c.stem}.html"
+        assert page.is_file(), f"missing page {page}"
+        text = page.read_text()
+        assert f"colab.research.google.com/github/histomoe/histomoe/blob/main/book/_executed/{c.stem}.ipynb" in text
+
+
+def check_pages_load_nothing_from_the_internet(smoke_book, tmp_path):
+    html_dir = smoke_book["html"]
+    pages = sorted(html_dir.rglob("*.html"))
+    assert len(pages) >= len(CHAPTERS) + 1
+    for page in pages:
+        text = page.read_text(errors="replace")
+        framed = " ".join(html.unescape(m) for m in re.findall(r'srcdoc="([^"]*)"', text))
+        for where, body in (("page", text), ("iframe srcdoc", framed)):
+            bad = REMOTE.search(body) or CSS_REMOTE.search(body) or REMOTE_CODE.search(body)
+            assert bad is None, f"{page.relative_to(html_dir)} ({where}) loads {bad.group(0)[:120]!r}"
+        for src in re.findall(r'<img\b[^>]*\bsrc="([^"]+)"', text):
+            if not src.startswith("data:"):
+                assert (page.parent / src.split("?")[0]).resolve().is_file(), f"{page.name}: image {src} missing"
+    for css in html_dir.rglob("*.css"):
+        assert not CSS_REMOTE.search(css.read_text(errors="replace")), f"{css.name} imports a remote stylesheet"
+
+
+def check_chapter_pages_show_figures(smoke_book, tmp_path):
+    html_dir = smoke_book["html"]
+    figures = {c.stem: len(re.findall(r"<img\b[^>]*src=\"[^\"]*_images/", (html_dir / book.EXECUTED_DIR / f"{c.stem}.html").read_text()))
+               for c in CHAPTERS}
+    assert figures.get("01_data", 1) >= 6, figures
+
+
+def check_notebooks_have_no_errors_and_carry_their_parameters(smoke_book, tmp_path):
+    executed = smoke_book["root"] / book.EXECUTED_DIR
+    for c in CHAPTERS:
+        nb = nbformat.read(executed / f"{c.stem}.ipynb", as_version=4)
+        errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{c.stem}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+        injected = [cell for cell in nb.cells if "injected-parameters" in cell.metadata.get("tags", [])]
+        assert len(injected) == 1 and 'profile = "smoke"' in injected[0].source, c.stem
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        assert "colab" in code[0].metadata.get("tags", []), f"{c.stem}: the Colab cell must be the first code cell"
+        assert all(cell.get("execution_count") for cell in code if cell.source.strip()), f"{c.stem}: unexecuted cells"
+
+
+def check_notebooks_show_no_paths_of_this_machine(smoke_book, tmp_path):
+    """Outputs must not print local paths (cache folders, site-packages in warnings): the notebooks are published."""
+    executed = smoke_book["root"] / book.EXECUTED_DIR
+    local = [str(smoke_book["root"]), str(smoke_book["home"]), str(REPO), "site-packages"]
+    for c in CHAPTERS:
+        nb = nbformat.read(executed / f"{c.stem}.ipynb", as_version=4)
+        assert nb.metadata["papermill"]["input_path"] == f"book/chapters/{c.path.name}"
+        for i, cell in enumerate(nb.cells):
+            for out in cell.get("outputs", []):
+                text = json.dumps(out.get("text", "")) + json.dumps(out.get("data", {}).get("text/plain", ""))
+                hits = [p for p in local if p in text]
+                assert not hits, f"{c.stem} cell {i} prints a local path {hits[0]!r}: {text[:300]}"
+
+
+def key_changes(home_dir: Path, runs) -> list[str]:
+    """What differs between the key parts of re-executed chapters and their earlier cached executions."""
+    out = []
+    stored = [json.loads(p.read_text()) for p in (home_dir / "cache" / "book").glob("*/key.json")]
+    for r in runs:
+        if r.status != "executed":
+            continue
+        now = next(k for k in stored if k["chapter"] == r.chapter.stem and book.cache.content_key(k) == r.key)
+        for old in (k for k in stored if k["chapter"] == r.chapter.stem and k is not now):
+            diff = {part: sorted(set(flatten(now[part]).items()) ^ set(flatten(old[part]).items()))
+                    for part in now if now[part] != old.get(part)}
+            out.append(f"{r.chapter.stem} re-executed; key parts that changed: {diff}")
+    return out
+
+
+def flatten(x, prefix: str = "") -> dict:
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in flatten(val, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.dumps(x, sort_keys=True)}
+
+
+def check_rebuild_reuses_cache_and_reruns_one_chapter(smoke_book, tmp_path):
+    """A second run executes nothing; `--chapter NN -p seed=1` re-executes that chapter only, with seed=1."""
+    root = copy_book(tmp_path / "copy")
+    with home(smoke_book["home"]):
+        warm = book.build_book("smoke", root=root, html=False, log=lambda _: None)
+        assert {r.status for r in warm.runs} == {"cached"}, key_changes(smoke_book["home"], warm.runs)
+        seeded = [r for r in smoke_book["runs"] if "seed" in r["parameters"]]
+        fastest = min(seeded, key=lambda r: r["seconds"])["stem"]
+        again = book.build_book("smoke", chapters=[fastest[:2]], overrides={"seed": 1}, root=root, html=False,
+                                log=lambda _: None)
+    status = {r.chapter.stem: r.status for r in again.runs}
+    assert status.pop(fastest) == "executed" and set(status.values()) <= {"kept"}, status
+    nb = nbformat.read(root / book.EXECUTED_DIR / f"{fastest}.ipynb", as_version=4)
+    injected = next(cell for cell in nb.cells if "injected-parameters" in cell.metadata.get("tags", []))
+    assert "seed = 1" in injected.source
