@@ -24,6 +24,7 @@ import numpy as np
 
 from histomoe_core.evaluate import pearson_columns
 from histomoe_core.features import FoldData, group_folds
+from histomoe_core.pca import standard_pca
 from histomoe_core.registry import Registry
 
 BASELINES: Registry[Any] = Registry("baseline")
@@ -62,20 +63,9 @@ class Preprocess:
     components: np.ndarray = field(default=None, repr=False)  # (D, P)
 
     def fit(self, x: np.ndarray) -> "Preprocess":
-        x = np.asarray(x, dtype=np.float64)
-        self.mean = x.mean(0)
-        self.scale = x.std(0)
-        self.scale[self.scale < 1e-6] = 1e-6
-        z = (x - self.mean) / self.scale
         k = self.n_components
-        if k is None or k >= x.shape[1]:
-            self.components = np.eye(x.shape[1])
-        else:
-            k = min(k, min(z.shape))
-            _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
-            comps = vt[:k].T
-            sign = np.sign(comps[np.abs(comps).argmax(0), np.arange(k)])
-            self.components = comps * sign
+        k = None if k is None else min(k, *np.shape(x))
+        self.mean, self.scale, self.components = standard_pca(np.asarray(x), k)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:

@@ -56,14 +56,14 @@ from histomoe_core.errors import HistoMoEError
 #: modules whose source is part of a run's key
 CODE_MODULES = (
     "histomoe_core.benchmark", "histomoe_core.moe", "histomoe_core.train", "histomoe_core.baselines",
-    "histomoe_core.evaluate", "histomoe_core.features", "histomoe_core.data.genes", "histomoe_core.data.targets",
-    "histomoe_core.data.splits",
+    "histomoe_core.evaluate", "histomoe_core.features", "histomoe_core.pca", "histomoe_core.data.genes",
+    "histomoe_core.data.targets", "histomoe_core.data.splits",
 )
 RUN_VERSION = 1
 #: modules whose source decides one fit (a "unit"); bump UNIT_VERSION when :func:`_fit_unit` changes
 UNIT_MODULES = (
     "histomoe_core.moe", "histomoe_core.train", "histomoe_core.baselines", "histomoe_core.evaluate",
-    "histomoe_core.features", "histomoe_core.data.targets",
+    "histomoe_core.features", "histomoe_core.pca", "histomoe_core.data.targets",
 )
 UNIT_VERSION = 1
 #: packages whose source decides the inputs (datasets, encoders, embeddings): part of the quick lookup key
@@ -511,17 +511,14 @@ def _is_deterministic(spec: Mapping[str, Any]) -> bool:
 
 
 def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st", *, progress: bool = True,
-                  threads: int | None = 1, force: bool = False, **overrides: Any) -> BenchmarkRun:
+                  threads: int | None = 1, n_jobs: int | None = None, force: bool = False,
+                  **overrides: Any) -> BenchmarkRun:
     """Run (or load) a benchmark; see the module docstring for what is written where.
 
-    ``threads`` caps BLAS and torch threads during the run (default 1: these problems are small and CPUs are
-    often shared; None or 0 keeps the libraries' defaults).
+    ``threads`` caps BLAS and torch threads per fit (default 1: these problems are small and CPUs are often
+    shared; None or 0 keeps the libraries' defaults). ``n_jobs`` fits that many units at once in worker
+    processes (None: ``$HISTOMOE_JOBS``, else the usable CPUs, at most 8); results do not depend on it.
     """
-    from tqdm.auto import tqdm
-
-    from histomoe_core.data.genes import select_panel
-    from histomoe_core.features import fold_arrays, spot_table
-
     cfg = make_config(profile, **overrides)
     limiter = _thread_limits(threads)
     try:
@@ -537,44 +534,115 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
         if (final / "summary.md").exists() and not force:
             _write_index(index, final)
             return BenchmarkRun(final)
-        table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta, context_key=cfg.context_key)
-        inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, dataset_digest(samples),
-                                   _array_digest(img), _array_digest(meta or {}), cfg.embedding_norm)
-        code = cache.code_fingerprint(*UNIT_MODULES)
-        units = _units(cfg, folds)
-        bar = tqdm(total=len(units), desc=f"benchmark {cfg.dataset}", disable=not progress, unit="fit")
-        panels: dict[tuple[str, str], pd.DataFrame] = {}
-        done: dict[tuple[str, str, str, int], Path] = {}
-        for target in cfg.targets:
-            for fold in folds:
-                if fixed is not None:
-                    genes = list(fixed)
-                    panel = pd.DataFrame({"rank": np.arange(1, len(genes) + 1)}, index=pd.Index(genes, name="gene"))
-                else:
-                    panel = select_panel([samples[i] for i in fold.train], n_genes=cfg.n_genes, min_frac=cfg.min_frac,
-                                         kind=target)
-                    genes = panel.index.tolist()
-                panels[(target, fold.name)] = panel
-                data = None
-                for name, spec in cfg.models.items():
-                    det = _is_deterministic(spec)
-                    for seed in cfg.seeds[:1] if det else cfg.seeds:
-                        unit = cache.artifact_dir("benchmark_units", _unit_key(cfg, spec, inputs, code, target, fold,
-                                                                                genes, None if det else seed))
-                        if not (unit / "metrics.json").exists():
-                            if data is None:
-                                data = fold_arrays(table, samples, fold, genes=genes, kind=target)
-                            bar.set_postfix_str(f"{target} {fold.name} {name} s{seed}")
-                            _fit_unit(cfg, name, spec, data[0], data[1], seed, unit)
-                        for s_ in (cfg.seeds if det else [seed]):
-                            done[(target, fold.name, name, s_)] = unit
-                    bar.update(len(cfg.seeds))
-        bar.close()
+        panels, done, pending = _plan(cfg, samples, folds, img, meta, fixed)
+        _fit_pending(cfg, pending, n_jobs=resolve_jobs(n_jobs), threads=threads, progress=progress)
         _assemble(cfg, folds, panels, done, final, key, time.perf_counter() - t_start)
         _write_index(index, final)
         return BenchmarkRun(final)
     finally:
         limiter.unregister()
+
+
+def resolve_jobs(n_jobs: int | None) -> int:
+    """Worker processes for fits: ``n_jobs``, else ``$HISTOMOE_JOBS``, else the usable CPUs (at most 8)."""
+    import os
+
+    if n_jobs is None:
+        env = os.environ.get("HISTOMOE_JOBS")
+        n_jobs = int(env) if env else min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else (os.cpu_count() or 1), 8)
+    if n_jobs < 1:
+        raise HistoMoEError(f"n_jobs must be >= 1, got {n_jobs}")
+    return int(n_jobs)
+
+
+@dataclass
+class _Pending:
+    """A fit that is not in the cache yet."""
+
+    label: str
+    name: str
+    spec: Mapping[str, Any]
+    data: tuple  #: (train, test) FoldData
+    seed: int
+    unit: Path
+
+
+def _plan(cfg: BenchmarkConfig, samples, folds, img, meta, fixed):
+    """Gene panels per (target, fold), the unit folder of every (target, fold, model, seed), and the fits missing
+    from the cache (fold arrays are cut only for folds with missing fits)."""
+    from histomoe_core.data.genes import select_panel
+    from histomoe_core.features import fold_arrays, spot_table
+
+    table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta, context_key=cfg.context_key)
+    inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, dataset_digest(samples),
+                               _array_digest(img), _array_digest(meta or {}), cfg.embedding_norm)
+    code = cache.code_fingerprint(*UNIT_MODULES)
+    panels: dict[tuple[str, str], pd.DataFrame] = {}
+    done: dict[tuple[str, str, str, int], Path] = {}
+    pending: list[_Pending] = []
+    for target in cfg.targets:
+        for fold in folds:
+            if fixed is not None:
+                genes = list(fixed)
+                panel = pd.DataFrame({"rank": np.arange(1, len(genes) + 1)}, index=pd.Index(genes, name="gene"))
+            else:
+                panel = select_panel([samples[i] for i in fold.train], n_genes=cfg.n_genes, min_frac=cfg.min_frac,
+                                     kind=target)
+                genes = panel.index.tolist()
+            panels[(target, fold.name)] = panel
+            data = None
+            for name, spec in cfg.models.items():
+                det = _is_deterministic(spec)
+                for seed in cfg.seeds[:1] if det else cfg.seeds:
+                    unit = cache.artifact_dir("benchmark_units", _unit_key(cfg, spec, inputs, code, target, fold,
+                                                                            genes, None if det else seed))
+                    if not (unit / "metrics.json").exists():
+                        if data is None:
+                            data = fold_arrays(table, samples, fold, genes=genes, kind=target)
+                        pending.append(_Pending(f"{target} {fold.name} {name} s{seed}", name, spec, data, seed, unit))
+                    for s_ in (cfg.seeds if det else [seed]):
+                        done[(target, fold.name, name, s_)] = unit
+    return panels, done, pending
+
+
+def _fit_pending(cfg: BenchmarkConfig, pending: Sequence[_Pending], *, n_jobs: int, threads: int | None,
+                 progress: bool) -> None:
+    """Fit the missing units, in this process or in ``n_jobs`` spawned workers (each limited to ``threads``)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), desc=f"benchmark {cfg.dataset}", disable=not progress or not pending, unit="fit")
+    try:
+        if n_jobs <= 1 or len(pending) <= 1:
+            for p in pending:
+                bar.set_postfix_str(p.label)
+                _fit_unit(cfg, p.name, p.spec, p.data[0], p.data[1], p.seed, p.unit)
+                bar.update()
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(n_jobs, len(pending)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_fit_unit, cfg, p.name, p.spec, p.data[0], p.data[1], p.seed, p.unit): p
+                       for p in pending}
+            for f in as_completed(futures):
+                if f.exception() is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)  # let running fits finish
+                    raise HistoMoEError(f"fit {futures[f].label} failed in a worker: {f.exception()!r}; "
+                                        "finished fits are cached, a re-run resumes") from f.exception()
+                bar.set_postfix_str(futures[f].label)
+                bar.update()
+    finally:
+        bar.close()
+
+
+_WORKER_LIMITS: list = []
+
+
+def _worker_init(threads: int | None) -> None:
+    """Worker process setup: the same thread limits as a fit in the main process (kept for its lifetime)."""
+    _WORKER_LIMITS.append(_thread_limits(threads))
 
 
 def _unit_key(cfg: BenchmarkConfig, spec: Mapping[str, Any], inputs: str, code: str, target: str, fold, genes,

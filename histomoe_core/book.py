@@ -23,14 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from histomoe_core import cache
+from histomoe_core.paths import environ
+from histomoe_core.colab import Repo, add_cells, colab_notebook, install_source, launch_source, sync_notebooks
 from histomoe_core.errors import HistoMoEError
 
 #: bump to invalidate every cached chapter (e.g. when the execution recipe changes)
@@ -201,39 +202,25 @@ def declared_parameters(nb) -> dict:
     return out
 
 
-def repository_url(root: Path) -> str:
-    """``repository.url`` of ``_config.yml``: the one place that names the project's public repository."""
+def repository(root: Path) -> Repo:
+    """``repository.url`` / ``branch`` of ``_config.yml``: the one place that names the project's public repository."""
     cfg = yaml.safe_load((root / "_config.yml").read_text()) or {}
-    url = (cfg.get("repository") or {}).get("url")
-    if not url:
+    repo = cfg.get("repository") or {}
+    if not repo.get("url"):
         raise BookError(f"{root / '_config.yml'}: set repository.url (the GitHub repository Colab installs from)")
-    return str(url).rstrip("/")
+    return Repo(str(repo["url"]).rstrip("/"), str(repo.get("branch") or "main"))
 
 
-def colab_source(repo_url: str) -> str:
-    """The first code cell of every executed chapter: installs HistoMoE, only when running on Google Colab."""
-    return (
-        "# On Google Colab: clone HistoMoE and install it (nothing happens anywhere else).\n"
-        "import sys\n"
-        "if \"google.colab\" in sys.modules:\n"
-        "    import os\n"
-        "    import subprocess\n"
-        "    if not os.path.isdir(\"histomoe\"):\n"
-        f"        subprocess.run([\"git\", \"clone\", \"-q\", \"--depth\", \"1\", \"{repo_url}\", \"histomoe\"], check=True)\n"
-        "        subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"-e\", \"histomoe\"], check=True)\n"
-        "    sys.path.insert(0, os.path.abspath(\"histomoe\"))"
-    )
+def page_notebook(chapter: "Chapter", repo: Repo):
+    """The notebook a chapter executes into: its cells, the Colab install cell and the launch link."""
+    return number_cells(add_cells(read_chapter(chapter), repo, launch=launch_source(repo, chapter.stem, chapter.number)))
 
 
-def add_colab_cell(nb, repo_url: str):
-    """Put the Colab cell (tagged ``colab``) right after the title cell, replacing any the source has."""
-    import nbformat
-
-    nb.cells = [c for c in nb.cells if "colab" not in c.metadata.get("tags", [])]
-    cell = nbformat.v4.new_code_cell(colab_source(repo_url), metadata={"tags": ["colab", "hide-input"]})
-    at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
-    nb.cells.insert(at, cell)
-    return nb
+def sync_colab(root: Path, chapters: Sequence["Chapter"], log=print) -> list[Path]:
+    """Rewrite ``book/notebooks/`` (the notebooks Colab opens) from the chapters; returns the files written."""
+    repo = repository(root)
+    return sync_notebooks(root, chapters, [number_cells(colab_notebook(read_chapter(c), repo)) for c in chapters],
+                          log=log)
 
 
 def number_cells(nb):
@@ -298,23 +285,49 @@ def _sha(text: str | bytes) -> str:
 
 
 def chapter_imports(nb) -> set[str]:
-    """Modules named by import statements in the chapter's code cells (IPython magics skipped)."""
+    """Modules named by import statements in the chapter's code cells (IPython magics skipped), plus the modules
+    behind attributes of imported ``histomoe_core`` packages (``pl.routing``, ``tl.load_run``: packages that load
+    their submodules on first use)."""
     mods: set[str] = set()
+    aliases: dict[str, str] = {}  # local name -> module it is bound to
+    trees = []
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
         try:
-            tree = ast.parse(code)
+            trees.append(ast.parse(code))
         except SyntaxError:
             continue
+    for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods.update(a.name for a in node.names)
+                aliases.update({a.asname: a.name for a in node.names if a.asname})
             elif isinstance(node, ast.ImportFrom) and node.module:
                 mods.add(node.module)
                 mods.update(f"{node.module}.{a.name}" for a in node.names)
+                aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                owner = aliases[node.value.id]
+                if owner == PACKAGE or owner.startswith(PACKAGE + "."):
+                    mods.add(_defining_module(owner, node.attr))
     return mods
+
+
+def _defining_module(module: str, attr: str) -> str:
+    """The module that defines ``module.attr`` (a submodule, or where a re-exported object was defined)."""
+    import importlib
+
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return f"{module}.{attr}"
+    if isinstance(obj, type(importlib)):
+        return obj.__name__
+    return getattr(obj, "__module__", None) or module
 
 
 def package_root() -> Path:
@@ -347,7 +360,7 @@ def manifests_for(source: str, params: Mapping) -> dict[str, str]:
     return out
 
 
-def chapter_key(chapter: Chapter, params: Mapping, repo_url: str, nb=None) -> tuple[str, dict]:
+def chapter_key(chapter: Chapter, params: Mapping, repo: Repo, nb=None) -> tuple[str, dict]:
     """Content key of an executed chapter and the parts it hashes (kept beside the cached notebook)."""
     source = chapter.path.read_text()
     nb = read_chapter(chapter) if nb is None else nb
@@ -356,7 +369,7 @@ def chapter_key(chapter: Chapter, params: Mapping, repo_url: str, nb=None) -> tu
         "chapter": chapter.stem,
         "source": _sha(source),
         "parameters": dict(params),
-        "colab": _sha(colab_source(repo_url)),
+        "colab": _sha(install_source(repo.url) + launch_source(repo, chapter.stem, chapter.number)),
         "code": code_fingerprint_for(nb),
         "manifests": manifests_for(source, params),
     }
@@ -366,20 +379,10 @@ def chapter_key(chapter: Chapter, params: Mapping, repo_url: str, nb=None) -> tu
 # --------------------------------------------------------------------------------------------- execution
 
 
-@contextmanager
-def _kernel_env() -> Iterator[None]:
-    env = dict(KERNEL_ENV)
-    env["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *KERNEL_WARNING_FILTERS]))
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _kernel_env():
+    """Environment for the kernels that execute chapters (restored afterwards)."""
+    warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *KERNEL_WARNING_FILTERS]))
+    return environ(**KERNEL_ENV, PYTHONWARNINGS=warnings)
 
 
 def _write_if_changed(src: Path, dst: Path) -> bool:
@@ -405,12 +408,12 @@ def _error_summary(nb_path: Path) -> str:
     return "see the notebook"
 
 
-def execute_chapter(chapter: Chapter, params: Mapping, *, repo_url: str, out_path: Path, timeout_s: int | None = None) -> None:
+def execute_chapter(chapter: Chapter, params: Mapping, *, repo: Repo, out_path: Path, timeout_s: int | None = None) -> None:
     """Execute one chapter with papermill; on failure keep the partial notebook at ``out_path`` and raise."""
     import nbformat
     import papermill as pm
 
-    nb = number_cells(add_colab_cell(read_chapter(chapter), repo_url))
+    nb = page_notebook(chapter, repo)
     parameters_cell(nb)  # fail early, naming the chapter, when the cell is missing
     with tempfile.TemporaryDirectory(prefix="histomoe-book-") as tmp:
         src = Path(tmp) / f"{chapter.stem}.ipynb"
@@ -458,7 +461,7 @@ def run_chapters(
     partly executed notebook, with the traceback, stays in ``book/_executed``) and the next chapters run."""
     overrides = dict(overrides or {})
     selected = list(chapters) if selected is None else list(selected)
-    repo_url = repository_url(root)
+    repo = repository(root)
     executed_dir = root / EXECUTED_DIR
     notebooks = {c.stem: read_chapter(c) for c in chapters}
     for c in chapters:
@@ -480,7 +483,7 @@ def run_chapters(
             runs.append(ChapterRun(c, "", "kept" if out.is_file() else "missing"))
             continue
         params = resolve_parameters(c, notebooks[c.stem], profile, overrides)
-        key, parts = chapter_key(c, params, repo_url, notebooks[c.stem])
+        key, parts = chapter_key(c, params, repo, notebooks[c.stem])
         cached = cache.artifact_dir("book", key) / f"{c.stem}.ipynb"
         t0 = time.perf_counter()
         if cached.is_file() and not force:
@@ -490,7 +493,7 @@ def run_chapters(
             continue
         log(f"[book] {c.stem}: executing with {json.dumps(params, default=str)}")
         try:
-            execute_chapter(c, params, repo_url=repo_url, out_path=out)
+            execute_chapter(c, params, repo=repo, out_path=out)
         except BookError as exc:
             if not keep_going:
                 raise
@@ -577,6 +580,7 @@ def build_book(
         raise BookError(f"no chapters in {root / CHAPTERS_DIR} (expected files like 01_data.py)")
     selected = select_chapters(all_chapters, chapters)
     sync_toc(root, all_chapters, log=log)
+    sync_colab(root, all_chapters, log=log)
     runs = run_chapters(root, prof, all_chapters, overrides=overrides, selected=selected, force=force,
                         keep_going=keep_going, log=log)
     html_dir = None

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from histomoe_core.pca import standard_pca
 from histomoe_core.registry import Registry
 
 RouterInput = Literal["image", "meta", "both"]
@@ -146,24 +147,10 @@ class InputNorm(nn.Module):
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> "InputNorm":
-        x = x.double()
-        mean = x.mean(0)
-        scale = x.std(0, unbiased=False).clamp_min(1e-6)
-        z = (x - mean) / scale
         k = self.components.shape[1]
-        if k < x.shape[1]:
-            if k > min(z.shape):
-                raise ValueError(f"pca_dim={k} exceeds min(n_samples, n_features)={min(z.shape)}; lower pca_dim")
-            _, _, vh = torch.linalg.svd(z, full_matrices=False)
-            comps = vh[:k].T
-            # deterministic sign: largest-magnitude loading of each component positive
-            sign = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
-            comps = comps * sign
-        else:
-            comps = torch.eye(x.shape[1], dtype=x.dtype)
-        self.mean.copy_(mean)
-        self.scale.copy_(scale)
-        self.components.copy_(comps)
+        mean, scale, comps = standard_pca(np.asarray(x.detach().cpu()), None if k >= x.shape[1] else k)
+        for buf, value in ((self.mean, mean), (self.scale, scale), (self.components, comps)):
+            buf.copy_(torch.from_numpy(np.array(value)))
         self.fitted.fill_(True)
         return self
 

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def home() -> Path:
@@ -32,3 +34,22 @@ def runs_dir() -> Path:
 def mirrors() -> list[Path]:
     raw = os.environ.get("HISTOMOE_MIRRORS", "")
     return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+@contextmanager
+def environ(**values: str | None) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables inside the block and restore them afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -15,6 +15,7 @@ def pytest_configure(config):
     os.environ["HISTOMOE_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ["HISTOMOE_JOBS"] = "1"  # pytest-xdist already uses the cores; tests that need workers ask for them
     home = config.rootpath / ".pytest_home" if os.environ.get("HISTOMOE_TEST_KEEP") else None
     if home is None:
         import tempfile

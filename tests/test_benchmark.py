@@ -93,6 +93,12 @@ def test_run_benchmark_writes_a_complete_reloadable_run(monkeypatch):
     model = run.load_model("histomoe", first["name"], seed=1, target="log1p")
     assert model.cfg.n_genes == 15 and model.cfg.top_k == 1
     assert run.saved_models() == ["histomoe"]
+    # one held-out section rebuilt through the metadata router (a one-hot vocabulary of the whole dataset)
+    from histomoe_core import tl
+
+    one = tl.fold_adata(run, first["name"], model="histomoe", seed=1, target="log1p", sections=[first["test"][0]])
+    assert one.n_obs == SYN["spots_per_section"] and one.obsm["X_meta"].shape[1] == model.cfg.meta_dim > 1
+    assert one.uns["histomoe"]["params"]["max_abs_diff_vs_run"] < 1e-4
     md = run.summary_markdown()
     assert "## Targets: log1p_norm" in md and "histomoe" in md
     assert json.loads((run.path / "config.json").read_text())["config"]["seeds"] == [0, 1]
@@ -111,6 +117,31 @@ def test_run_benchmark_writes_a_complete_reloadable_run(monkeypatch):
     # a change in the config gives a new run
     with pytest.raises(AssertionError, match="refit"):
         bm.run_benchmark("synthetic", progress=False, **{**kw, "n_genes": 14})
+
+
+def test_parallel_fits_equal_serial_fits(monkeypatch, tmp_path):
+    import histomoe_core.benchmark as bm
+
+    models = {"ridge_cv": {"kind": "ridge_cv"},
+              "histomoe": {"kind": "histomoe", "n_experts": 3, "hidden": 8, "router_input": "meta", "top_k": 1}}
+    kw = dict(dataset_options=SYN, text_encoder="onehot", seeds=(0, 1), targets=("log1p",), n_genes=10,
+              models=models, train={"epochs": 3, "patience": 2}, progress=False)
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path / "serial"))
+    serial = bm.run_benchmark("synthetic", n_jobs=1, **kw)
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path / "parallel"))
+    parallel = bm.run_benchmark("synthetic", n_jobs=2, **kw)
+    assert (tmp_path / "parallel" / "runs") in parallel.path.parents
+    a, b = serial.results, parallel.results
+    assert len(a) == len(b) == 3 * 2 * 2
+    assert np.allclose(a["pearson"], b["pearson"], atol=1e-6, equal_nan=True)
+    with pytest.raises(bm.HistoMoEError, match="n_jobs"):
+        bm.resolve_jobs(0)
+    # a fit that fails in a worker names the fit; nothing of the run is written
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path / "failing"))
+    bad = {**models, "knn": {"kind": "knn", "no_such_option": 1}}  # fails inside the worker
+    with pytest.raises(bm.HistoMoEError, match="fit log1p .* knn .* failed in a worker"):
+        bm.run_benchmark("synthetic", n_jobs=2, **{**kw, "models": bad})
+    assert not list((tmp_path / "failing" / "runs").glob("synthetic-*/summary.md"))
 
 
 def test_profiles_and_unknown_names():

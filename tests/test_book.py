@@ -8,20 +8,20 @@ from __future__ import annotations
 import ast
 import html
 import json
-import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from histomoe_core import book
+from histomoe_core import book, colab
 from histomoe_core.errors import HistoMoEError
+from histomoe_core.paths import environ
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["_config.yml", "_toc.yml", "book/intro.md", "book/references.bib", "book/chapters", "book/configs"]
+SOURCES = ["_config.yml", "_toc.yml", "book/intro.md", "book/references.bib", "book/chapters", "book/configs",
+           "book/notebooks"]
 #: a tag that loads a script, stylesheet, image or frame from another host
 REMOTE = re.compile(r"<(?:script|link|img|iframe|source|embed)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
 CSS_REMOTE = re.compile(r"@import\s+(?:url\()?\s*[\"']?(?:https?:)?//", re.I)
@@ -44,22 +44,9 @@ def copy_book(dst: Path) -> Path:
     return dst
 
 
-@contextmanager
 def home(path: Path):
     """Run the book with its own HistoMoE home (shared by xdist workers), restoring the test's afterwards."""
-    keys = ("HISTOMOE_HOME", "HISTOMOE_CACHE_DIR", "HISTOMOE_RUNS_DIR", "HISTOMOE_DATA_DIR")
-    old = {k: os.environ.get(k) for k in keys}
-    for k in keys[1:]:
-        os.environ.pop(k, None)
-    os.environ["HISTOMOE_HOME"] = str(path)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environ(HISTOMOE_HOME=str(path), HISTOMOE_CACHE_DIR=None, HISTOMOE_RUNS_DIR=None, HISTOMOE_DATA_DIR=None)
 
 
 # --------------------------------------------------------------------------------------------- static checks
@@ -138,10 +125,19 @@ def test_module_closure_follows_imports(tmp_path):
     assert book.code_fingerprint_for(nb, tmp_path) != before, "a module the chapter imports did not change its key"
 
 
+def test_attribute_uses_of_lazy_packages_are_dependencies():
+    code = "from histomoe_core import pl, tl\nfig = pl.data.sections(samples)\nrun = tl.load_run('her2st')\n"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    mods = set(book.module_closure(book.chapter_imports(nb), book.package_root()))
+    assert {"histomoe_core.pl.data", "histomoe_core.tl.run", "histomoe_core.benchmark"} <= mods
+    # figure and routing modules the chapter never touches are not part of its key
+    assert not {"histomoe_core.pl.routing", "histomoe_core.pl.attributions", "histomoe_core.interpret"} & mods
+
+
 def test_key_depends_on_parameters_and_source(tmp_path):
     root = copy_book(tmp_path)
     ch = next(c for c in book.discover_chapters(root) if c.stem == "01_data")
-    url = book.repository_url(root)
+    url = book.repository(root)
     k0, parts = book.chapter_key(ch, {"seed": 0}, url)
     assert book.chapter_key(ch, {"seed": 0}, url)[0] == k0
     assert book.chapter_key(ch, {"seed": 1}, url)[0] != k0
@@ -191,11 +187,33 @@ def test_failed_chapter_is_named_not_cached_and_others_still_run(tmp_path):
 
 
 def test_colab_cell_installs_only_on_colab():
-    src = book.colab_source("https://github.com/example/fork")
+    src = colab.install_source("https://github.com/example/fork")
     assert 'if "google.colab" in sys.modules:' in src and "https://github.com/example/fork" in src
     ns: dict = {}
     exec(compile(src, "colab", "exec"), ns)  # here: not Colab, so nothing is cloned or installed
     assert "subprocess" not in ns
+
+
+def test_colab_notebooks_are_committed_and_current(tmp_path):
+    root = copy_book(tmp_path)
+    chapters = book.discover_chapters(root)
+    assert book.sync_colab(root, chapters, log=lambda _: None) == [], (
+        "book/notebooks/ is stale: run `histomoe book --sync-toc` and commit book/notebooks/")
+    repo = book.repository(root)
+    for c in chapters:
+        nb = nbformat.read(root / colab.NOTEBOOKS_DIR / f"{c.stem}.ipynb", as_version=4)
+        assert nb.metadata["accelerator"] == "GPU" and not any(cell.get("outputs") for cell in nb.cells)
+        assert "colab" in nb.cells[1].metadata["tags"] and book.parameters_cell(nb) is not None
+        # the page's launch link opens exactly this file of the repository
+        page = book.page_notebook(c, repo)
+        link = page.cells[1].source
+        assert "colab-launch" in page.cells[1].metadata["tags"]
+        assert colab.colab_url(repo, c.stem).endswith(f"/blob/{repo.branch}/book/notebooks/{c.stem}.ipynb")
+        assert colab.colab_url(repo, c.stem) in link and f"--chapter {c.number}" in link
+    # a chapter edit makes them stale; the sync rewrites exactly that notebook
+    c = chapters[0]
+    c.path.write_text(c.path.read_text() + "\n# %%\nprint(1)\n")
+    assert book.sync_colab(root, chapters, log=lambda _: None) == [root / colab.NOTEBOOKS_DIR / f"{c.stem}.ipynb"]
 
 
 # --------------------------------------------------------------------------------------------- the smoke build
@@ -245,7 +263,9 @@ def check_every_chapter_page_exists(smoke_book, tmp_path):
         page = html_dir / book.EXECUTED_DIR / f"{c.stem}.html"
         assert page.is_file(), f"missing page {page}"
         text = page.read_text()
-        assert f"colab.research.google.com/github/histomoe/histomoe/blob/main/book/_executed/{c.stem}.ipynb" in text
+        # the "Run this chapter" box links to the committed Colab notebook (book/notebooks/), not to build output
+        assert f"colab.research.google.com/github/histomoe/histomoe/blob/main/book/notebooks/{c.stem}.ipynb" in text
+        assert "/book/_executed/" not in text.split("colab.research.google.com", 1)[1][:200]
 
 
 def check_pages_load_nothing_from_the_internet(smoke_book, tmp_path):

@@ -67,6 +67,16 @@ def test_any_timm_name_is_random_init_and_says_so():
         assert enc(enc.preprocess(np.full((1, 64, 64, 3), 128, np.uint8))).shape == (1, 512)
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "convnext_atto"])
+def test_embed_dim_is_what_forward_returns(name):
+    # MobileNetV3 has a 1x1 conv after pooling: its output is wider than its trunk (num_features)
+    with pytest.warns(RandomInitWarning):
+        enc = create_encoder(name)
+    with torch.inference_mode():
+        out = enc(enc.preprocess(np.full((2, 64, 64, 3), 128, np.uint8)))
+    assert out.shape == (2, enc.embed_dim)
+
+
 def test_fixed_size_trunks_get_resized_inputs():
     with pytest.warns(RandomInitWarning):
         vit = create_encoder("vit_tiny_patch16_224")

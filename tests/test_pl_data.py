@@ -66,11 +66,33 @@ def test_patch_qc_flags_glass(samples):
     assert set(qc["status"].cat.categories) == set(pld.QC_COLOURS)
 
 
-def test_fast_thumbnail_matches_thumbnail(samples):
-    fast, f_fast = pld.fast_thumbnail(samples[0], max_px=600)
-    slow, f_slow = thumbnail(samples[0], max_px=600)
-    assert fast.shape == slow.shape and f_fast == f_slow
-    assert np.abs(fast.astype(int) - slow).mean() < 4
+def test_thumbnail_decodes_jpeg_at_reduced_scale_and_memoises(samples):
+    from histomoe_core.data.patches import load_image
+
+    img, f = thumbnail(samples[0], max_px=600)
+    full = load_image(samples[0].image_path)
+    assert f == 600 / max(full.shape[:2]) and img.shape[:2] == (int(full.shape[0] * f), int(full.shape[1] * f))
+    ref = np.asarray(Image.fromarray(full).resize(img.shape[1::-1], Image.BILINEAR))
+    assert np.abs(img.astype(int) - ref).mean() < 4  # the draft decode is the same picture
+    again, _ = thumbnail(samples[0], max_px=600)
+    assert again is img and not img.flags.writeable  # memoised and shared, so read-only
+
+
+def test_spots_keep_their_size_on_the_tissue_whatever_the_layout(samples):
+    from matplotlib.collections import EllipseCollection
+
+    from histomoe_core.pl.spatial import spatial_scatter
+
+    s = samples[0]
+    fig, ax = plt.subplots(figsize=(3, 3))
+    spatial_scatter(s, np.arange(s.n_spots), ax=ax, spot_um=100.0)  # adds a colour bar, shrinking the axes
+    fig.tight_layout()
+    coll = [c for c in ax.collections if isinstance(c, EllipseCollection)][0]
+    _, f = thumbnail(s)
+    # spot diameter in thumbnail pixels (data units), fixed by the tissue, not by the axes size
+    assert np.allclose(coll.get_widths(), 100.0 / s.pixel_size_um * f)
+    assert len(coll.get_offsets()) == s.n_spots
+    plt.close(fig)
 
 
 def test_figures_draw(samples):

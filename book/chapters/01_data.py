@@ -38,7 +38,9 @@ from myst_nb import glue
 from histomoe_core import pl
 from histomoe_core.data import load_dataset
 from histomoe_core.data.genes import select_panel
+from histomoe_core.data.patches import PatchSpec
 from histomoe_core.data.summary import summary_table
+from histomoe_core.data.targets import NORM_TARGET_SUM
 
 samples = load_dataset(dataset, **dataset_options)
 table = summary_table(samples)
@@ -81,14 +83,18 @@ qc_summary
 #
 # ## Patch QC
 #
-# The model sees a square patch around each spot (112 um wide, HEST-Bench's size). Two things can go wrong: the
+# The model sees a square patch around each spot ({glue:text}`patch_um` um wide, HEST-Bench's size, resized to
+# {glue:text}`patch_px` px). Two things can go wrong: the
 # patch can leave the image (it is then padded with white), or it can be mostly background (glass, or a masked
 # region). Here {glue:text}`n_out` patches leave their image and {glue:text}`n_background` are flagged as
 # mostly background. They are kept in training and evaluation (the spots were measured), but they are the first
 # place to look when a section scores badly.
 
 # %%
-pqc = pl.data.patch_qc_table(samples)
+spec = PatchSpec()
+glue("patch_um", f"{spec.size_um:g}", display=False)
+glue("patch_px", spec.out_px, display=False)
+pqc = pl.data.patch_qc_table(samples, spec)
 pqc_summary = pl.data.patch_qc_summary(pqc)
 glue("n_out", int(pqc_summary["out of image"].sum()), display=False)
 glue("n_background", int(pqc_summary["background"].sum()), display=False)
@@ -130,13 +136,14 @@ fig = pl.data.gene_panel(panel)
 #
 # HEST-Bench regresses `log1p` of the **raw counts**. Because of the library-size differences above, that
 # target mixes two signals: how much of the gene a spot expresses *relative to its other genes*, and how many
-# molecules the spot caught at all. The second kind, `log1p` of counts **per 10,000** (library-size
+# molecules the spot caught at all. The second kind, `log1p` of counts **per {glue:text}`norm_sum`** (library-size
 # normalised), removes most of the latter. The figure shows one gene, {glue:text}`shown_gene`, both ways, on one
 # section per patient; each row shares one colour scale.
 
 # %%
 shown = gene if gene is not None else str(panel.index[0])
 glue("shown_gene", shown, display=False)
+glue("norm_sum", f"{NORM_TARGET_SUM:,.0f}", display=False)
 fig = pl.data.target_kinds(samples, shown)
 
 # %% [markdown]

@@ -16,14 +16,17 @@
 # The vision encoder is the expensive part of HistoMoE. Everything after it (experts, router, baselines,
 # routing analysis) reads a cached embedding per spot and trains in seconds. This chapter embeds every spot
 # once, measures how fast that is, looks at what the embeddings capture, and asks how much the encoder
-# matters: an ImageNet-pretrained encoder against randomly initialised ones, through the same downstream head.
+# matters: an ImageNet-pretrained encoder against the same network randomly initialised (more architectures can
+# be added with the `random_encoders` parameter), through the same downstream head.
 
 # %% tags=["parameters"]
 profile = "her2st"
 dataset = "her2st"
 dataset_options = {}
 encoder = "efficientnet_lite0"  # the pretrained encoder used in the rest of the book
-random_encoders = ["tf_efficientnet_lite0", "resnet18"]  # timm names without offline weights: random init
+# timm names without offline weights, used with random init. The default is the same network as `encoder`, so the
+# comparison isolates what pretraining adds; other architectures (e.g. "resnet18") can be added
+random_encoders = ["tf_efficientnet_lite0"]
 seed = 0
 n_genes = 50
 min_frac = 0.1

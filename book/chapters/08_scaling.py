@@ -54,9 +54,10 @@ env
 #
 # ## On Google Colab
 #
-# The rocket icon at the top of every chapter opens its executed notebook in Colab. Its first cell (hidden in
-# this site, tagged `colab`) clones the repository and installs HistoMoE with `pip install -e`, and does nothing
-# outside Colab. Choose *Runtime -> Change runtime type -> GPU* first; the `device` parameter then picks the GPU
+# The "Run this chapter" box under every chapter title opens the chapter in Colab: an unexecuted copy kept in
+# the repository's `book/notebooks/` that asks for a GPU runtime. Its first code cell (hidden in this site,
+# tagged `colab`) clones the repository and installs HistoMoE with `pip install -e`, and does nothing
+# outside Colab. If Colab gives no GPU, choose *Runtime -> Change runtime type -> GPU*; the `device` parameter picks the GPU
 # by itself. On Colab the her2st files are downloaded from their public repository and checked against the
 # sha256 sums in `data_manifests/her2st.yaml`; pathology foundation models (`encoder="hf-hub:..."`) need a
 # Hugging Face token with access to the model (`huggingface_hub.login()`).

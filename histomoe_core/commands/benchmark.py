@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-norm", choices=["none", "section"], default=None,
                    help="centre embeddings per section (every model alike)")
     p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 07)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads (default 1: small problems, shared CPUs; 0 = library default)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="fits run at once in worker processes (default: $HISTOMOE_JOBS, else the usable CPUs, at most 8)")
     p.add_argument("--force", action="store_true", help="recompute even when a finished run exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -51,7 +53,8 @@ def run(args) -> int:
     profile = args.dataset if args.dataset in PROFILES else {**PROFILES["her2st"], "dataset": args.dataset}
     if args.task:
         overrides["dataset_options"] = {"task": args.task}
-    run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, force=args.force, **overrides)
+    run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, n_jobs=args.jobs,
+                         force=args.force, **overrides)
     print(run_.summary_markdown())
     print(f"run folder: {run_.path}")
     return 0

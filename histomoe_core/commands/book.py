@@ -19,13 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after a failed chapter, run the others and build the HTML anyway (then exit with an error)")
     p.add_argument("--no-html", action="store_true", help="execute the chapters only; skip jupyter-book build")
     p.add_argument("--root", type=Path, default=None, help="book root (folder with _config.yml); default: found from the cwd")
-    p.add_argument("--sync-toc", action="store_true", help="only rewrite _toc.yml from book/chapters/ and exit")
+    p.add_argument("--sync-toc", action="store_true", help="only rewrite _toc.yml and the Colab notebooks (book/notebooks/) from book/chapters/ and exit")
     p.add_argument("--list", action="store_true", help="list every chapter's parameters (default and profile value) and exit")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from histomoe_core.book import build_book, discover_chapters, find_root, parse_overrides, sync_toc
+    from histomoe_core.book import build_book, discover_chapters, find_root, parse_overrides, sync_colab, sync_toc
 
     if args.list:
         import pandas as pd
@@ -37,8 +37,11 @@ def _run(args) -> int:
         return 0
     if args.sync_toc:
         root = find_root(args.root)
-        if not sync_toc(root, discover_chapters(root)):
+        chapters = discover_chapters(root)
+        if not sync_toc(root, chapters):
             print(f"[book] {root / '_toc.yml'} is up to date")
+        if not sync_colab(root, chapters):
+            print("[book] the Colab notebooks in book/notebooks/ are up to date")
         return 0
     result = build_book(
         args.profile, chapters=args.chapter, overrides=parse_overrides(args.param), root=args.root,

@@ -43,8 +43,11 @@ def seeded(seed: int) -> Iterator[None]:
 def _from_timm(model: nn.Module, name: str, *, weights_id: str, pretrained: bool, source: str) -> VisionEncoder:
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     size = cfg.get("input_size", (3, 224, 224))
+    # what forward() returns with num_classes=0: the pre-logits width where a model has a head MLP/conv after
+    # pooling (MobileNetV3: 1280 from 960 channels), else the trunk's channels
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
     return VisionEncoder(
-        model, name=name, embed_dim=model.num_features, weights_id=weights_id, pretrained=pretrained,
+        model, name=name, embed_dim=dim, weights_id=weights_id, pretrained=pretrained,
         mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)), input_px=size[-1],
         interpolation=cfg.get("interpolation", "bicubic") or "bicubic",
         fixed_input=bool(cfg.get("fixed_input_size", False)) and not getattr(model, "dynamic_img_size", False),

@@ -1,7 +1,26 @@
-"""Plotting (scanpy-style ``pl``): functions take data first, keyword-only options, and return figures."""
-from histomoe_core.pl.spatial import spatial_scatter, thumbnail
-from histomoe_core.pl import data  # noqa: F401  (dataset figures: pl.data.sections, pl.data.spot_qc_distributions, ...)
-from histomoe_core.pl import routing, genes, attributions, interactive  # noqa: F401  (pl.routing.expert_map, pl.genes.measured_vs_predicted, ...)
-from histomoe_core.pl import embeddings  # noqa: F401  (pl.embeddings.umap, pl.embeddings.encoder_comparison, ...)
+"""Plotting (scanpy-style ``pl``): functions take data first, keyword-only options, and return figures.
 
-__all__ = ["spatial_scatter", "thumbnail"]
+Submodules load on first use (``pl.data.sections``, ``pl.routing.expert_map``, ``pl.genes``, ``pl.attributions``,
+``pl.interactive``, ``pl.embeddings``), so code that draws one kind of figure imports only what it draws.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from histomoe_core.pl.spatial import spatial_scatter, thumbnail
+
+#: figure modules, imported on first attribute access
+SUBMODULES = ("spatial", "data", "routing", "genes", "attributions", "interactive", "embeddings")
+
+__all__ = ["spatial_scatter", "thumbnail", *SUBMODULES]
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,14 +2,11 @@
 panel and the two regression target kinds. Every function takes data first and returns a matplotlib Figure."""
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from histomoe_core.data.patches import PatchSpec, iter_patches, patch_qc
 from histomoe_core.data.sample import Sample, SampleSet, total_counts
@@ -92,27 +89,6 @@ def library_confounding(samples: SampleSet | Sequence[Sample], genes: Sequence[s
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def fast_thumbnail(sample: Sample, *, max_px: int = 1200) -> tuple[np.ndarray, float]:
-    """Like :func:`~histomoe_core.pl.spatial.thumbnail` (same image and scale factor), but JPEGs are decoded at a
-    reduced scale (much faster for large slides) and results are memoised per image file."""
-    if sample.image_path is None or Path(sample.image_path).suffix.lower() not in (".jpg", ".jpeg"):
-        return thumbnail(sample, max_px=max_px)
-    path = Path(sample.image_path)
-    return _jpeg_thumbnail(str(path), path.stat().st_mtime_ns, max_px)
-
-
-@lru_cache(maxsize=16)
-def _jpeg_thumbnail(path: str, mtime_ns: int, max_px: int) -> tuple[np.ndarray, float]:
-    with Image.open(path) as im:
-        w, h = im.size
-        f = min(1.0, max_px / max(w, h))
-        size = (int(w * f), int(h * f))
-        im.draft("RGB", size)
-        img = np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
-    img.flags.writeable = False
-    return img, f
-
-
 def _grid(n: int, ncols: int, size: float) -> tuple[plt.Figure, np.ndarray]:
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
@@ -127,7 +103,7 @@ def sections(samples: SampleSet | Sequence[Sample], *, ncols: int = 4, size: flo
     samples = list(samples)
     fig, axes = _grid(len(samples), ncols, size)
     for s, ax in zip(samples, axes):
-        spatial_scatter(s, None, ax=ax, spot_um=spot_um, image=fast_thumbnail(s), title=f"{s.sample_id} (patient {s.patient})")
+        spatial_scatter(s, None, ax=ax, spot_um=spot_um, image=thumbnail(s), title=f"{s.sample_id} (patient {s.patient})")
     fig.tight_layout()
     return fig
 
@@ -164,7 +140,7 @@ def patch_qc_map(sample: Sample, qc: pd.DataFrame, *, ax: plt.Axes | None = None
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 5.5))
     return spatial_scatter(sample, status, ax=ax, categorical=True, palette=QC_COLOURS, spot_um=spot_um,
-                           image=fast_thumbnail(sample), title=f"{sample.sample_id}: patch QC")
+                           image=thumbnail(sample), title=f"{sample.sample_id}: patch QC")
 
 
 def example_patches(
@@ -229,7 +205,7 @@ def target_kinds(
         lo, hi = float(min(v.min() for v in vals)), float(max(v.max() for v in vals))
         for c, (s, v) in enumerate(zip(chosen, vals)):
             spatial_scatter(s, v, ax=axes[r, c], vmin=lo, vmax=hi, colorbar=c == len(chosen) - 1, spot_um=spot_um,
-                            image=fast_thumbnail(s), title=f"{s.sample_id}: {TARGET_LABELS[kind]}")
+                            image=thumbnail(s), title=f"{s.sample_id}: {TARGET_LABELS[kind]}")
     fig.suptitle(gene, fontsize=11)
     fig.tight_layout()
     return fig

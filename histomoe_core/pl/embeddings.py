@@ -53,8 +53,7 @@ def embedding_pcs(samples: Sequence[Sample], adata: ad.AnnData, *, pcs: Sequence
     """Principal components of each section's own embeddings (``obsm["X_emb"]``) drawn over its H&E.
 
     The PCA is per section, so the maps show what varies *within* the section, not between sections."""
-    from histomoe_core.pl.data import fast_thumbnail
-    from histomoe_core.pl.spatial import grid_spot_um, spatial_scatter
+    from histomoe_core.pl.spatial import grid_spot_um, spatial_scatter, thumbnail
 
     fig, axes = plt.subplots(len(pcs), len(samples), figsize=(size * len(samples), size * len(pcs)), squeeze=False)
     section = adata.obs["section"].astype(str).to_numpy()
@@ -66,7 +65,7 @@ def embedding_pcs(samples: Sequence[Sample], adata: ad.AnnData, *, pcs: Sequence
         share = sv**2 / (sv**2).sum()
         names = adata.obs_names[m].str.rsplit("@", n=1).str[0]
         rows = s.adata.obs_names.get_indexer(names)
-        image = fast_thumbnail(s)
+        image = thumbnail(s)
         for r, k in enumerate(pcs):
             full = np.full(s.n_spots, np.nan)
             full[rows] = u[:, k] * sv[k]

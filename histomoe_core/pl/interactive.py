@@ -150,7 +150,7 @@ def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, ke
             alt.Tooltip("predicted:Q", format=".2f"), alt.Tooltip("expert:N", title="dominant expert"),
             *_gate_tooltips(experts)]
     base = alt.Chart(data).transform_filter(alt.datum.gene == gene).transform_calculate(
-        value=f"show == 'measured' ? datum.measured : datum.predicted")
+        value="show == 'measured' ? datum.measured : datum.predicted")
     spots = base.mark_circle(size=60, stroke="black").encode(
         x=alt.X("x:Q", scale=xs, axis=None), y=alt.Y("y:Q", scale=ys, axis=None),
         color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis"), title="expression"),

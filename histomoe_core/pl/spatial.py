@@ -1,11 +1,16 @@
 """Values at spots drawn over the H&E image of a sample."""
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image
+from matplotlib.collections import EllipseCollection
+from matplotlib.colors import Normalize
+from matplotlib.lines import Line2D
+from PIL import Image, UnidentifiedImageError
 
 from histomoe_core.data.patches import load_image
 from histomoe_core.data.sample import Sample
@@ -15,8 +20,33 @@ THUMB_PX = 1200
 
 
 def thumbnail(sample: Sample, *, max_px: int = THUMB_PX) -> tuple[np.ndarray, float]:
-    """A downscaled RGB image of the sample and the factor from image pixels to thumbnail pixels."""
-    img = load_image(sample.image_path)
+    """A downscaled RGB image of the sample (read-only, memoised per image file) and the factor from image
+    pixels to thumbnail pixels. JPEGs are decoded directly at a reduced scale, which is much faster for slides."""
+    path = Path(sample.image_path)
+    if not path.exists():
+        load_image(path)  # raises the clear missing-file error
+    return _thumbnail(str(path), path.stat().st_mtime_ns, max_px)
+
+
+@lru_cache(maxsize=16)
+def _thumbnail(path: str, mtime_ns: int, max_px: int) -> tuple[np.ndarray, float]:
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                f = min(1.0, max_px / max(w, h))
+                size = (int(w * f), int(h * f))
+                im.draft("RGB", size)  # let the JPEG decoder skip detail (1/2, 1/4 or 1/8 scale)
+                img = np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+        except (UnidentifiedImageError, OSError, ValueError):
+            img, f = _resized(load_image(Path(path)), max_px)  # load_image raises the clear error
+    else:
+        img, f = _resized(load_image(Path(path)), max_px)
+    img.flags.writeable = False
+    return img, f
+
+
+def _resized(img: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
     f = min(1.0, max_px / max(img.shape[:2]))
     if f < 1.0:
         img = np.asarray(Image.fromarray(img).resize((int(img.shape[1] * f), int(img.shape[0] * f)), Image.BILINEAR))
@@ -67,23 +97,27 @@ def spatial_scatter(
     xy = sample.coords * f
     ax.imshow(img, alpha=image_alpha)
     diameter_px = spot_um / sample.pixel_size_um * f
-    size = (diameter_px * 72 / ax.figure.dpi) ** 2 * _axes_scale(ax, img)
     if values is None:
-        ax.scatter(xy[:, 0], xy[:, 1], s=size, facecolors="none", edgecolors="black", linewidths=0.6)
+        _spots(ax, xy, diameter_px, facecolors="none", edgecolors="black", linewidths=0.6)
     elif categorical:
         cats = np.asarray(values).astype(str)
         declared = getattr(getattr(values, "cat", values), "categories", None)
         levels = [str(c) for c in declared if str(c) in set(cats)] if declared is not None else sorted(set(cats))
         colors = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+        handles = []
         for i, lev in enumerate(levels):
             m = cats == lev
             color = palette[lev] if palette is not None and lev in palette else colors(i % colors.N)
-            ax.scatter(xy[m, 0], xy[m, 1], s=size, color=color, alpha=alpha, label=lev, linewidths=0)
+            _spots(ax, xy[m], diameter_px, facecolors=color, alpha=alpha, linewidths=0)
+            handles.append(Line2D([], [], ls="", marker="o", color=color, label=lev))
         if legend:
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8, markerscale=0.5)
+            ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
     else:
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(values, dtype=float), s=size, cmap=cmap, alpha=alpha,
-                        linewidths=0, vmin=vmin, vmax=vmax)
+        v = np.asarray(values, dtype=float)
+        sc = _spots(ax, xy, diameter_px, alpha=alpha, linewidths=0)
+        sc.set_array(v)
+        sc.set_cmap(cmap)
+        sc.set_norm(Normalize(vmin=np.nanmin(v) if vmin is None else vmin, vmax=np.nanmax(v) if vmax is None else vmax))
         if colorbar:
             ax.figure.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
     if crop:
@@ -95,8 +129,10 @@ def spatial_scatter(
     return ax
 
 
-def _axes_scale(ax: plt.Axes, img: np.ndarray) -> float:
-    """Rough factor from image pixels to points for the axes' current size (marker areas are in points^2)."""
-    bbox = ax.get_window_extent().transformed(ax.figure.dpi_scale_trans.inverted())
-    inches_per_px = min(bbox.width / img.shape[1], bbox.height / img.shape[0])
-    return (inches_per_px * ax.figure.dpi) ** 2
+def _spots(ax: plt.Axes, xy: np.ndarray, diameter_px: float, **style) -> EllipseCollection:
+    """Circles of ``diameter_px`` image pixels at ``xy``, sized in data units, so they keep their size on the
+    tissue whatever the final figure layout (colorbars, tight_layout, saving at another dpi)."""
+    d = np.full(len(xy), diameter_px)
+    coll = EllipseCollection(d, d, np.zeros(len(xy)), units="xy", offsets=xy, offset_transform=ax.transData, **style)
+    ax.add_collection(coll)
+    return coll

@@ -1,28 +1,40 @@
 """Tools (scanpy-style ``tl``): functions take an AnnData first, keyword-only options, and write results into
-named slots (see :mod:`histomoe_core.tl.slots`) or return tables."""
-from histomoe_core.tl.build import add_images, spot_adata
-from histomoe_core.tl.labels import has_region_labels, read_region_labels, region_labels, true_cell_type
-from histomoe_core.tl.run import best_section, fold_adata, fold_of, held_out, load_run, open_run, run_samples
-from histomoe_core.tl.predict import predict
-from histomoe_core.tl.routing import (
-    Agreement,
-    agreement,
-    dominant_expert,
-    expert_contrast,
-    expert_genes,
-    expert_usage,
-    gate_entropy,
-    routing_agreement,
-    routing_character,
-    routing_summary,
-    usage_table,
-)
-from histomoe_core.tl.slots import read_results, slot_names, write_results
+named slots (see :mod:`histomoe_core.tl.slots`) or return tables.
 
-__all__ = [
-    "spot_adata", "add_images", "predict", "write_results", "read_results", "slot_names",
-    "has_region_labels", "read_region_labels", "region_labels", "true_cell_type",
-    "load_run", "open_run", "fold_adata", "fold_of", "held_out", "best_section", "run_samples",
-    "gate_entropy", "dominant_expert", "usage_table", "agreement", "Agreement", "expert_contrast",
-    "expert_usage", "routing_agreement", "expert_genes", "routing_summary", "routing_character",
-]
+The functions live in small submodules and load on first use (``tl.load_run`` imports :mod:`.run` only), so code
+that uses a few tools depends on those alone.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# `predict` is both a submodule and its function: bound eagerly so importing the submodule elsewhere cannot
+# shadow the function with the module
+from histomoe_core.tl.predict import predict  # noqa: F401  (re-exported)
+
+#: public name -> submodule that defines it
+EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["spot_adata", "add_images"], "build"),
+    **dict.fromkeys(["has_region_labels", "read_region_labels", "region_labels", "true_cell_type"], "labels"),
+    **dict.fromkeys(["best_section", "fold_adata", "fold_of", "held_out", "load_run", "open_run", "run_samples"], "run"),
+    **dict.fromkeys(["Agreement", "agreement", "dominant_expert", "expert_contrast", "expert_genes", "expert_usage",
+                     "gate_entropy", "routing_agreement", "routing_character", "routing_summary", "usage_table"],
+                    "routing"),
+    **dict.fromkeys(["read_results", "slot_names", "write_results"], "slots"),
+}
+SUBMODULES = ("build", "labels", "run", "predict", "routing", "slots")
+
+__all__ = sorted([*EXPORTS, "predict"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*EXPORTS, *SUBMODULES, "predict"})

@@ -76,10 +76,12 @@ def fold_adata(
     stored = run.predictions(model, fold, seed, target)
     genes = [str(g) for g in stored["genes"]]
     samples = samples if samples is not None else run_samples(run)
+    # metadata of the whole dataset, as in the run: a one-hot vocabulary depends on every section's metadata
+    meta = embed_metadata(samples, cfg["text_encoder"]) if net.cfg.router_input != "image" else None
     if sections is not None:
         samples = samples.subset(list(sections))
+        meta = None if meta is None else {s.sample_id: meta[s.sample_id] for s in samples}
     img = embed_samples(samples, cfg["encoder"], spec=PatchSpec(**dict(cfg.get("patch") or {})), progress=progress)
-    meta = embed_metadata(samples, cfg["text_encoder"]) if net.cfg.router_input != "image" else None
     split = {**{s: "train" for s in folds[fold]["train"]}, **{s: "test" for s in folds[fold]["test"]}}
     adata = spot_adata(samples, genes, kind=target, embeddings=img, meta_embeddings=meta, images=images, split=split)
     predict(adata, net, genes=genes, meta="X_meta" if meta is not None else None, key_added=key_added)
