@@ -517,7 +517,7 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
 
     ``threads`` caps BLAS and torch threads per fit (default 1: these problems are small and CPUs are often
     shared; None or 0 keeps the libraries' defaults). ``n_jobs`` fits that many units at once in worker
-    processes (None: ``$HISTOMOE_JOBS``, else the usable CPUs, at most 8); results do not depend on it.
+    processes (None: :func:`resolve_jobs`); results do not depend on it.
     """
     cfg = make_config(profile, **overrides)
     limiter = _thread_limits(threads)
@@ -544,13 +544,20 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
 
 
 def resolve_jobs(n_jobs: int | None) -> int:
-    """Worker processes for fits: ``n_jobs``, else ``$HISTOMOE_JOBS``, else the usable CPUs (at most 8)."""
+    """Worker processes for fits: ``n_jobs``, else ``$HISTOMOE_JOBS``, else 1 when a GPU is visible (fits run on it
+    one after the other) and the usable CPUs (at most 8) when not."""
     import os
+
+    import torch
 
     if n_jobs is None:
         env = os.environ.get("HISTOMOE_JOBS")
-        n_jobs = int(env) if env else min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                          else (os.cpu_count() or 1), 8)
+        if env:
+            n_jobs = int(env)
+        elif torch.cuda.is_available():
+            n_jobs = 1
+        else:
+            n_jobs = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
     if n_jobs < 1:
         raise HistoMoEError(f"n_jobs must be >= 1, got {n_jobs}")
     return int(n_jobs)

@@ -29,9 +29,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from histomoe_core import cache
+from histomoe_core import cache, colab
 from histomoe_core.paths import environ
-from histomoe_core.colab import Repo, add_cells, colab_notebook, install_source, launch_source, sync_notebooks
+from histomoe_core.colab import Repo, add_cells, colab_notebook, launch_source, sync_notebooks
 from histomoe_core.errors import HistoMoEError
 
 #: bump to invalidate every cached chapter (e.g. when the execution recipe changes)
@@ -369,7 +369,8 @@ def chapter_key(chapter: Chapter, params: Mapping, repo: Repo, nb=None) -> tuple
         "chapter": chapter.stem,
         "source": _sha(source),
         "parameters": dict(params),
-        "colab": _sha(install_source(repo.url) + launch_source(repo, chapter.stem, chapter.number)),
+        # the cells added to every page and how they are added (histomoe_core.colab's source)
+        "colab": _sha(launch_source(repo, chapter.stem, chapter.number) + Path(colab.__file__).read_text()),
         "code": code_fingerprint_for(nb),
         "manifests": manifests_for(source, params),
     }

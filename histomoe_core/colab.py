@@ -60,12 +60,25 @@ def _untagged(cells: list, *tags: str) -> list:
     return [c for c in cells if not set(tags) & set(c.metadata.get("tags", []))]
 
 
+def _split_title(nb) -> None:
+    """Put a first markdown cell's ``# Title`` line in a cell of its own, so inserted cells sit right under it."""
+    import nbformat
+
+    if not nb.cells or nb.cells[0].cell_type != "markdown":
+        return
+    title, _, rest = nb.cells[0].source.lstrip().partition("\n")
+    if title.startswith("# ") and rest.strip():
+        nb.cells[0].source = title
+        nb.cells.insert(1, nbformat.v4.new_markdown_cell(rest.strip("\n")))
+
+
 def add_cells(nb, repo: Repo, *, launch: str | None = None):
     """Insert the install cell (tagged ``colab``) and, given ``launch`` markdown, the launch cell (tagged
     ``colab-launch``) right after the title cell, replacing any the notebook has."""
     import nbformat
 
     nb.cells = _untagged(nb.cells, "colab", "colab-launch")
+    _split_title(nb)
     at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
     new = [nbformat.v4.new_code_cell(install_source(repo.url), metadata={"tags": ["colab", "hide-input"]})]
     if launch is not None:

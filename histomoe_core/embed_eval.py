@@ -169,7 +169,7 @@ def umap(adata: ad.AnnData, *, n_pcs: int = 50, n_neighbors: int = 15, seed: int
     x = adata.obsm["X_emb"]
     z = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
     adata.X = z.astype(np.float32)
-    n_pcs = int(min(n_pcs, *z.shape) - 1)
+    n_pcs = int(min(n_pcs, min(z.shape) - 1))  # PCA needs fewer components than min(n_spots, dim)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy sparse-efficiency and numba notices from the kNN graph
         sc.pp.pca(adata, n_comps=n_pcs, random_state=seed)

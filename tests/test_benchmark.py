@@ -136,6 +136,14 @@ def test_parallel_fits_equal_serial_fits(monkeypatch, tmp_path):
     assert np.allclose(a["pearson"], b["pearson"], atol=1e-6, equal_nan=True)
     with pytest.raises(bm.HistoMoEError, match="n_jobs"):
         bm.resolve_jobs(0)
+    import torch
+
+    monkeypatch.delenv("HISTOMOE_JOBS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bm.resolve_jobs(None) == 1  # with a GPU the fits run on it, one after the other
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bm.resolve_jobs(None) >= 1 and bm.resolve_jobs(3) == 3
+    monkeypatch.setenv("HISTOMOE_JOBS", "1")
     # a fit that fails in a worker names the fit; nothing of the run is written
     monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path / "failing"))
     bad = {**models, "knn": {"kind": "knn", "no_such_option": 1}}  # fails inside the worker

@@ -34,6 +34,8 @@ batch_size = 64
 device = None  # None: the GPU when there is one, else the CPU
 marker = "ERBB2"  # gene coloured on the UMAP (HER2); if not measured: the most variable gene
 throughput_patches = 128  # patches timed for the encoder's forward ceiling
+n_pcs = 50  # principal components under the UMAP
+n_neighbors = 15  # neighbours of the UMAP graph and of the section-mixing count
 
 # %%
 import warnings
@@ -42,6 +44,7 @@ from myst_nb import glue
 
 from histomoe_core import embed_eval, pl
 from histomoe_core.data import load_dataset
+from histomoe_core.data.patches import PatchSpec
 from histomoe_core.embed import embed_metadata, metadata_strings, run_embedding
 
 warnings.filterwarnings("ignore", category=UserWarning, module="umap")
@@ -65,14 +68,18 @@ cards
 #
 # ## Embedding every spot
 #
-# A patch of 112 um around each spot is cropped from the full-resolution slide, resized to 224 px and
+# A patch of {glue:text}`patch_um` um around each spot is cropped from the full-resolution slide, resized to
+# {glue:text}`patch_px` px and
 # embedded into a {glue:text}`embed_dim`-dimensional vector. The cache key covers the encoder and its weights, the
 # patch size, the numeric precision and the image and spot coordinates of each section, so a re-run reads the
 # cache and any change recomputes only what it affects. From the command line: `histomoe embed her2st --encoder
 # efficientnet_lite0` (add `torchrun --nproc_per_node N` to share the sections across processes or GPUs).
 
 # %%
-emb, stats = run_embedding(samples, encoder, batch_size=batch_size, device=device, progress=False)
+spec = PatchSpec()
+emb, stats = run_embedding(samples, encoder, spec=spec, batch_size=batch_size, device=device, progress=False)
+glue("patch_um", f"{spec.size_um:g}", display=False)
+glue("patch_px", spec.out_px, display=False)
 glue("n_spots_embedded", int(sum(len(v) for v in emb.values())), display=False)
 glue("n_cached", len(stats.cached), display=False)
 glue("n_computed", len(stats.computed) + len(stats.resumed), display=False)
@@ -96,16 +103,18 @@ speed.to_frame("value")
 #
 # ## What the embeddings see
 #
-# Below, every spot is a point in a UMAP of its embedding (standardised, 50 principal components, 15
-# neighbours), coloured by section, by patient and by the library-size-normalised expression of
+# Below, every spot is a point in a UMAP of its embedding (standardised, {glue:text}`umap_pcs` principal
+# components, {glue:text}`n_neighbors` neighbours), coloured by section, by patient and by the library-size-normalised expression of
 # {glue:text}`marker`, the HER2 gene these tumours amplify.
 
 # %%
 shown_gene = embed_eval.pick_marker(samples, marker)
 glue("marker", shown_gene, display=False)
 adata = embed_eval.embedding_adata(samples, emb, genes=[shown_gene])
-adata = embed_eval.umap(adata, seed=seed)
-mixing = embed_eval.section_mixing(adata, key="section")
+adata = embed_eval.umap(adata, n_pcs=n_pcs, n_neighbors=n_neighbors, seed=seed)
+mixing = embed_eval.section_mixing(adata, key="section", n_neighbors=n_neighbors)
+glue("umap_pcs", int(adata.obsm["X_pca"].shape[1]), display=False)
+glue("n_neighbors", n_neighbors, display=False)
 glue("same_section_median", float(mixing["same_neighbours"].median()), display=False)
 glue("chance_median", float(mixing["chance"].median()), display=False)
 fig = pl.embeddings.umap(adata, color=["section", "patient", shown_gene])
@@ -115,7 +124,7 @@ mixing
 
 # %% [markdown]
 # Spots group by where they come from more than by anything else. For the median section,
-# {glue:text}`same_section_median:.0%` of a spot's 15 nearest neighbours in embedding space come from the same
+# {glue:text}`same_section_median:.0%` of a spot's {glue:text}`n_neighbors` nearest neighbours in embedding space come from the same
 # section, where chance would give {glue:text}`chance_median:.0%`. Part of this is biology (the sections of one
 # patient share a tumour), part is technique: staining, scanning and, for patient A, images that were downscaled
 # and masked before publication, so their patches are blurrier and sit apart from the others. A model trained on

@@ -16,21 +16,22 @@
 # Every model in this chapter sees the same folds, the same gene panels and the same embeddings, and is scored
 # the same way. The protocol:
 #
-# - **Folds**: leave one patient out (her2st has three patients, so three folds). Serial sections of a
-#   patient never straddle train and test.
-# - **Gene panel**: the 50 most variable genes among those expressed in at least 10% of the spots of every
-#   *training* section, chosen again inside each fold (HEST-Bench picked its lists on all samples, test included).
+# - **Folds**: leave one patient out ({glue:text}`n_patients` patients, so {glue:text}`n_folds` folds). Serial
+#   sections of a patient never straddle train and test.
+# - **Gene panel**: the {glue:text}`cfg_n_genes` most variable genes among those expressed in at least
+#   {glue:text}`cfg_min_frac` of the spots of every *training* section, chosen again inside each fold (HEST-Bench
+#   picked its lists on all samples, test included).
 # - **Targets**: `log1p` of raw counts (HEST-Bench's choice) and `log1p_norm` (library-size normalised, then
 #   log1p), side by side. Much of the Pearson on raw counts comes from how many molecules a spot caught, which
 #   the image predicts through cellularity; the normalised targets remove that.
 # - **Training targets**: every model except HEST's ridge is trained on *section-centred* targets (each training
-#   section's mean moved to the pooled mean). Sections differ up to twenty-fold in depth, which no image
-#   predicts; without centring, fitting those offsets costs the models accuracy within a section. Chapter
+#   section's mean moved to the pooled mean). Sections differ many-fold in sequencing depth (chapter
+#   {doc}`01_data`), which no image predicts; without centring, fitting those offsets costs the models accuracy within a section. Chapter
 #   {doc}`07_ablations` measures this choice for each model.
 # - **Metric**: the HEST metric, Pearson r per gene over all test spots of a fold pooled, mean over genes; then
 #   the mean over folds (and seeds). The per-section Pearson and the MSE are reported too.
-# - **Seeds**: neural models are trained with three seeds; ridge, retrieval and per-context models are
-#   deterministic and fit once.
+# - **Seeds**: neural models are trained with {glue:text}`n_seeds` seeds; ridge, retrieval and per-context
+#   models are deterministic and fit once.
 #
 # The models:
 #
@@ -38,11 +39,11 @@
 # |---|---|
 # | `ridge_hest` | HEST-Bench's head: StandardScaler, PCA-256, ridge with HEST's fixed alpha, raw targets |
 # | `ridge_cv` | the same features, alpha chosen by patient-grouped inner cross-validation |
-# | `knn`, `knn_k50` | retrieval of the nearest training spots (cosine, BLEEP-style), k by inner CV or fixed at 50 |
+# | `knn`, `knn_k50` | retrieval of the nearest training spots (cosine, BLEEP-style), k by inner CV or fixed at {glue:text}`knn_k` |
 # | `per_context` | one `ridge_cv` per organ / cancer type (her2st has one, so it equals `ridge_cv`) |
 # | `mlp` | one MLP with about the parameters of the plain MoE |
 # | `moe_soft_mlp` | a plain soft MoE of four MLP experts, routed by the image |
-# | `histomoe` | the anchored MoE: a ridge expert and three retrieval experts (k = 10, 50, 200) mixed per spot by an image router that starts uniform; early stopping may keep the untrained mixture |
+# | `histomoe` | the anchored MoE: a ridge expert and retrieval experts (k = {glue:text}`histomoe_ks`) mixed per spot by an image router that starts uniform; early stopping may keep the untrained mixture |
 
 # %% tags=["parameters"]
 profile = "her2st"
@@ -74,6 +75,13 @@ baselines = [m for m in summary["model"].unique() if m != model and not m.starts
 glue("n_folds", int(results["fold"].nunique()), display=False)
 glue("n_seeds", int(results["seed"].nunique()), display=False)
 glue("run_seconds", float(run.config["seconds"]), display=False)
+cfg = run.config["config"]
+samples = tl.run_samples(run)
+glue("n_patients", len(samples.patients), display=False)
+glue("cfg_n_genes", int(cfg["n_genes"]), display=False)
+glue("cfg_min_frac", f"{cfg['min_frac']:.0%}", display=False)
+glue("knn_k", str(cfg["models"].get("knn_k50", {}).get("k")), display=False)
+glue("histomoe_ks", ", ".join(map(str, cfg["models"][model].get("retrieval_k") or [])), display=False)
 pd.Series({"run": run.path.name, "folds": ", ".join(sorted(results["fold"].unique())),
            "seeds": ", ".join(map(str, sorted(results["seed"].unique()))), "targets": ", ".join(targets),
            "wall time (s)": round(float(run.config["seconds"]))}).to_frame("value")
@@ -119,12 +127,23 @@ plt.tight_layout()
 #
 # ## Per fold
 #
-# The fold that tests patient A is near zero for every model: A's images are 2000-pixel downscales (about
-# 3 um per pixel instead of 0.7), so its patches look unlike anything the models trained on. The other two folds
-# carry the comparison.
+# The hardest fold is `{glue:text}`hard_fold``: the best model reaches {glue:text}`hard_best:.3f` there, against
+# {glue:text}`easy_best:.3f` on `{glue:text}`easy_fold``. The images of patient {glue:text}`coarse_patient` were
+# published at {glue:text}`coarse_um:.1f` um per pixel, where the others have {glue:text}`fine_um:.2f`, so its
+# patches look unlike most of what a model trains on.
 
 # %%
-fold_table(results, target=targets[0]).round(3)
+folds_t = fold_table(results, target=targets[0])
+best_per_fold = folds_t.drop(columns="mean").max()
+px = pd.Series({s.sample_id: s.pixel_size_um for s in samples})
+glue("hard_fold", best_per_fold.idxmin(), display=False)
+glue("hard_best", float(best_per_fold.min()), display=False)
+glue("easy_fold", best_per_fold.idxmax(), display=False)
+glue("easy_best", float(best_per_fold.max()), display=False)
+glue("coarse_patient", samples[px.idxmax()].patient, display=False)
+glue("coarse_um", float(px.max()), display=False)
+glue("fine_um", float(px.median()), display=False)
+folds_t.round(3)
 
 # %%
 ps = run.per_section

@@ -116,10 +116,11 @@ fig = pl.routing.expert_map(ref, ref_section, labels="cell_type")
 # ## her2st: does the router find tissue structure?
 #
 # On her2st every section has the same metadata (HER2-positive breast cancer), so the metadata cannot route; the
-# benchmark's HistoMoE routes on the **image embedding** alone, with linear experts started from the ridge
-# solution and a retrieval expert (the mean of the 50 most similar training spots) as one more routed expert.
+# benchmark's HistoMoE routes on the **image embedding** alone among {glue:text}`n_experts` experts
+# ({glue:text}`experts`): a ridge expert, fixed at the ridge solution of the training spots, and retrieval experts
+# that average the expression of the k most similar training spots (k = {glue:text}`retrieval_ks`).
 # The model opened here is the one trained without the patient of section {glue:text}`shown`
-# (fold {glue:text}`fold`), applied to all eight sections; in its training sections it routes spots it has seen,
+# (fold {glue:text}`fold`), applied to all {glue:text}`n_sections` sections; in its training sections it routes spots it has seen,
 # in the held-out sections spots it has not. The recomputed held-out predictions match the run's stored ones up
 # to {glue:text}`max_diff:.1e`, so these are the benchmarked models.
 
@@ -137,6 +138,8 @@ glue("fold", fold, display=False)
 glue("max_diff", float(adata.uns["histomoe"]["params"]["max_abs_diff_vs_run"]), display=False)
 glue("n_experts", len(experts), display=False)
 glue("experts", ", ".join(experts), display=False)
+glue("retrieval_ks", ", ".join(map(str, run.config["config"]["models"][model].get("retrieval_k") or [])), display=False)
+glue("n_sections", len(samples), display=False)
 adata
 
 # %% [markdown]

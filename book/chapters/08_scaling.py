@@ -41,15 +41,19 @@ env
 # %% [markdown]
 # ## On a GPU
 #
-# This run of the book used device **{glue:text}`device`**. Every chapter takes a `device` parameter (default:
-# the GPU when PyTorch sees one). On a GPU, embedding runs the encoder in bfloat16 autocast with `channels_last`
-# tensors, and training uses bfloat16 mixed precision; on a CPU both run in float32. The precision is part of
-# the embedding cache key, so CPU and GPU embeddings never mix.
+# This run of the book used device **{glue:text}`device`**. Embedding (chapter {doc}`02_embeddings`, parameter
+# `device`) and training (chapters 03 to 07) use the GPU whenever PyTorch sees one. On a GPU, embedding runs the
+# encoder in bfloat16 autocast with `channels_last` tensors, and training uses bfloat16 mixed precision; on a
+# CPU both run in float32. The precision is part of the embedding cache key, so CPU and GPU embeddings never
+# mix. On a CPU the benchmark fits several models at once in worker processes, one per core
+# (`HISTOMOE_JOBS`); with a GPU it fits them one after the other on the GPU.
 #
-# Re-running one chapter on a GPU machine:
+# Re-running the embeddings on a GPU machine, and checking the GPU path against the CPU path on the same
+# sections (embedding agreement, throughput, and the same models trained on both devices):
 #
 # ```bash
-# histomoe book --chapter 04 -p device=cuda
+# histomoe book --chapter 02 -p device=cuda
+# python benchmarks/bench_gpu.py --json gpu.json
 # ```
 #
 # ## On Google Colab

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 07)")
     p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="fits run at once in worker processes (default: $HISTOMOE_JOBS, else the usable CPUs, at most 8)")
+                   help="fits run at once in worker processes (default: $HISTOMOE_JOBS, else the usable CPUs up to 8, or 1 with a GPU)")
     p.add_argument("--force", action="store_true", help="recompute even when a finished run exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
