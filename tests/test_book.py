@@ -263,6 +263,9 @@ def check_every_chapter_page_exists(smoke_book, tmp_path):
         page = html_dir / book.EXECUTED_DIR / f"{c.stem}.html"
         assert page.is_file(), f"missing page {page}"
         text = page.read_text()
+        # every role rendered (a role inside backticks stays literal text: `{glue:text}`x`` shows as code)
+        unrendered = re.findall(r"\{(?:glue:text|glue|doc|cite)\}", text)
+        assert not unrendered, f"{page.name}: unrendered MyST role {unrendered[0]!r}"
         # the "Run this chapter" box links to the committed Colab notebook (book/notebooks/), not to build output
         assert f"colab.research.google.com/github/histomoe/histomoe/blob/main/book/notebooks/{c.stem}.ipynb" in text
         assert "/book/_executed/" not in text.split("colab.research.google.com", 1)[1][:200]

@@ -120,15 +120,15 @@ ax.set_ylabel("")
 plt.tight_layout()
 
 # %% [markdown]
-# On `{glue:text}`target0`` targets, `histomoe` scores {glue:text}`model_r:.3f`, {glue:text}`margin:.3f`
-# {glue:text}`margin_word` the best baseline (`{glue:text}`best_baseline``, {glue:text}`best_r:.3f`); HEST's
+# On {glue:text}`target0` targets, `histomoe` scores {glue:text}`model_r:.3f`, {glue:text}`margin:.3f`
+# {glue:text}`margin_word` the best baseline ({glue:text}`best_baseline`, {glue:text}`best_r:.3f`); HEST's
 # fixed-alpha ridge scores {glue:text}`hest_r:.3f`. Read the margin against the spread: the standard deviation
 # over folds is {glue:text}`sd_folds_model:.3f`, because the folds differ far more than the models do (below).
 #
 # ## Per fold
 #
-# The hardest fold is `{glue:text}`hard_fold``: the best model reaches {glue:text}`hard_best:.3f` there, against
-# {glue:text}`easy_best:.3f` on `{glue:text}`easy_fold``. The images of patient {glue:text}`coarse_patient` were
+# The hardest fold is {glue:text}`hard_fold`: the best model reaches {glue:text}`hard_best:.3f` there, against
+# {glue:text}`easy_best:.3f` on {glue:text}`easy_fold`. The images of patient {glue:text}`coarse_patient` were
 # published at {glue:text}`coarse_um:.1f` um per pixel, where the others have {glue:text}`fine_um:.2f`, so its
 # patches look unlike most of what a model trains on.
 
@@ -193,7 +193,7 @@ glue("norm_model_r", float(norm.loc[model, "pearson"]), display=False)
 fold_table(results, target=targets[-1]).round(3)
 
 # %% [markdown]
-# On `{glue:text}`norm_target`` the best model is `{glue:text}`norm_best`` ({glue:text}`norm_best_r:.3f`) and
+# On {glue:text}`norm_target` the best model is {glue:text}`norm_best` ({glue:text}`norm_best_r:.3f`) and
 # `histomoe` scores {glue:text}`norm_model_r:.3f`. Every model loses most of its correlation once the spots'
 # depth is taken out: what remains is the part of expression the image of a spot tells apart from its
 # neighbours', and on three patients with a frozen ImageNet encoder that part is small.

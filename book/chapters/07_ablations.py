@@ -111,7 +111,7 @@ glue("n_fits", int(start.notna().sum()), display=False)
 groups.agg(["min", "max", "count"]).round(3)
 
 # %% [markdown]
-# The best variant is `{glue:text}`best_variant`` ({glue:text}`best_variant_r:.3f`); from worst to best the
+# The best variant is {glue:text}`best_variant` ({glue:text}`best_variant_r:.3f`); from worst to best the
 # variants span {glue:text}`spread:.3f`. Group by group (her2st profile; on the synthetic profile these names
 # are absent and read `nan`):
 #
@@ -173,7 +173,7 @@ emb.round(3)
 fold_table(centred.results, target=targets[0]).round(3)
 
 # %% [markdown]
-# With section-centred embeddings the best reference model is `{glue:text}`emb_best``
+# With section-centred embeddings the best reference model is {glue:text}`emb_best`
 # ({glue:text}`emb_best_r:.3f`); the change moves `histomoe` by {glue:text}`emb_ref_gain:+.3f`. The per-fold
 # table shows where it acts: the fold of the low-resolution patient A, whose embeddings sit far from the others
 # until their section offset is removed.
