@@ -91,6 +91,21 @@ def test_slide_batches_match_on_her2st(her2st):
 
 
 # ------------------------------------------------------------------------------------------------ results
+def test_patch_threads_give_the_same_embeddings(her2st, tmp_path, monkeypatch):
+    samples = her2st.subset(["A1", "B4", "C3"])  # a PNG and two JPEG slides
+    enc = create_encoder("tiny")
+    out = {}
+    for ahead in ("0", "2"):
+        monkeypatch.setenv("HISTOMOE_PATCH_THREADS", ahead)
+        monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / ahead))
+        out[ahead] = embed_samples(samples, enc, batch_size=64, progress=False)
+    assert all(np.array_equal(out["0"][k], out["2"][k]) for k in out["0"])
+    import histomoe_core.embed as em
+
+    monkeypatch.delenv("HISTOMOE_PATCH_THREADS")
+    assert em.patch_threads(torch.device("cpu")) == 0 and em.patch_threads(torch.device("cuda")) >= 1
+
+
 def test_embeddings_match_direct_computation_in_obs_order(toy, cache_home):
     enc = create_encoder("tiny")
     emb = embed_samples(toy, "tiny", batch_size=8, progress=False)
