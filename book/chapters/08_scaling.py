@@ -45,7 +45,8 @@ env
 # `device`) and training (chapters 03 to 07) use the GPU whenever PyTorch sees one. On a GPU, embedding runs the
 # encoder in bfloat16 autocast with `channels_last` tensors, and training uses bfloat16 mixed precision; on a
 # CPU both run in float32. The precision is part of the embedding cache key, so CPU and GPU embeddings never
-# mix. On a CPU the benchmark fits several models at once in worker processes, one per core
+# mix. With a GPU, threads decode the next slides and crop patches while the encoder runs
+# (`HISTOMOE_PATCH_THREADS`), since one thread cannot keep a GPU busy. On a CPU the benchmark fits several models at once in worker processes, one per core
 # (`HISTOMOE_JOBS`); with a GPU it fits them one after the other on the GPU.
 #
 # Re-running the embeddings on a GPU machine, and checking the GPU path against the CPU path on the same
