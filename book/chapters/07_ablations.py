@@ -52,6 +52,7 @@ from histomoe_core import tl
 from histomoe_core.benchmark import ABLATION_NOTES, ablation_models, ablation_references
 from histomoe_core.evaluate import fold_table
 
+pd.set_option("display.max_colwidth", None)  # the "change" column describes each variant in full
 models = ablation_models(dataset)
 run = tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
                   n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False, models=models,
