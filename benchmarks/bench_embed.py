@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,11 +33,6 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class PeakRSS:
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from histomoe_core.data import load_dataset
     from histomoe_core.embed import resolve_device, run_embedding
-    from histomoe_core.embed_eval import forward_ceiling
+    from histomoe_core.embed_eval import cpu_seconds, forward_ceiling, temporary_cache
     from histomoe_core.encoders import create_encoder
 
     samples = load_dataset(args.dataset, **({"sections": args.sections} if args.sections else {}))
@@ -101,13 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     n_ceil = min(big.n_spots, 4 * args.batch_size)
     forward_ceiling(enc, [big], batch_size=args.batch_size, n_patches=args.batch_size, device=device)  # warm-up
     before = forward_ceiling(enc, [big], batch_size=args.batch_size, n_patches=n_ceil, device=device)
-    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
-        os.environ["HISTOMOE_CACHE_DIR"] = tmp
+    with temporary_cache():
         base = rss_mb()
         with PeakRSS() as peak:
-            t0, c0 = time.perf_counter(), cpu_s()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             _, st = run_embedding(samples, enc, batch_size=args.batch_size, device=device, progress=False)
-            wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     after = forward_ceiling(enc, [big], batch_size=args.batch_size, n_patches=n_ceil, device=device)
 
     ceil = (before.rate + after.rate) / 2

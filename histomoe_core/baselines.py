@@ -22,7 +22,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from histomoe_core.evaluate import pearson_columns
+from histomoe_core.evaluate import hest_metric, pearson_columns
 from histomoe_core.features import FoldData, group_folds
 from histomoe_core.pca import standard_pca
 from histomoe_core.registry import Registry
@@ -37,16 +37,10 @@ KS = (5, 10, 20, 50, 100, 200)
 
 class Estimator(Protocol):
     name: str
-    deterministic: bool
 
     def fit(self, data: FoldData, *, seed: int = 0) -> "Estimator": ...
 
     def predict(self, data: FoldData) -> np.ndarray: ...
-
-
-def hest_metric(y: np.ndarray, p: np.ndarray) -> float:
-    r = pearson_columns(y, p)
-    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +116,6 @@ def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS) -> tup
 class HESTRidge:
     """HEST-Bench ridge: scaler + PCA-256 + Ridge(alpha = 100 / (P * G), no intercept, lsqr)."""
 
-    deterministic = True
 
     def __init__(self, *, n_components: int = 256, name: str = "ridge_hest") -> None:
         self.name, self.n_components = name, n_components
@@ -152,7 +145,6 @@ class HESTRidge:
 class RidgeCV:
     """Scaler + PCA + ridge with an intercept; alpha by patient-grouped inner CV on the HEST metric."""
 
-    deterministic = True
 
     def __init__(self, *, n_components: int | None = 256, alphas: Sequence[float] = ALPHAS, alpha: float | None = None,
                  name: str = "ridge_cv") -> None:
@@ -185,7 +177,6 @@ class RidgeCV:
 class KNNRetrieval:
     """Nearest-neighbour retrieval of training spots (cosine, standardised PCA space); k by inner CV."""
 
-    deterministic = True
 
     def __init__(self, *, n_components: int | None = 256, k: int | None = None, ks: Sequence[int] = KS,
                  name: str = "knn") -> None:
@@ -212,7 +203,6 @@ class KNNRetrieval:
 class PerContext:
     """One ``ridge_cv`` per context label; unseen contexts use a model fit on every training spot."""
 
-    deterministic = True
 
     def __init__(self, *, n_components: int | None = 256, min_spots: int = 50, name: str = "per_context") -> None:
         self.name, self.n_components, self.min_spots = name, n_components, min_spots

@@ -72,6 +72,8 @@ INPUT_PACKAGES = ("histomoe_core.data", "histomoe_core.encoders", "histomoe_core
 #: the neural models all share these training settings unless a model overrides them
 TRAIN = {"epochs": 60, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2, "patience": 10}
 
+#: model kinds trained by gradient descent (seeded, with training settings); the others are fit once per fold
+NEURAL_KINDS = ("histomoe", "mlp")
 #: model specs: ``kind`` is a baseline name (``BASELINES``) or ``"histomoe"``; other keys are its options.
 #: ``centre``: train on section-centred targets (None: the benchmark's ``centre_targets``).
 #: ``histomoe`` is the anchored mixture: a frozen ridge expert and three retrieval experts (k = 10, 50, 200)
@@ -356,9 +358,14 @@ def stratified_folds(samples, k: int, *, key: str = "organ"):
     return folds
 
 
-def run_key(cfg: BenchmarkConfig, samples, img, meta) -> str:
-    return cache.content_key(RUN_VERSION, cfg.as_dict(), _array_digest(img), _array_digest(meta or {}),
-                             dataset_digest(samples), cache.code_fingerprint(*CODE_MODULES))
+def input_digests(samples, img, meta) -> tuple[str, str, str]:
+    """Digests of the dataset's counts, the image embeddings and the metadata embeddings (hashed once per run)."""
+    return dataset_digest(samples), _array_digest(img), _array_digest(meta or {})
+
+
+def run_key(cfg: BenchmarkConfig, digests: tuple[str, str, str]) -> str:
+    data, img, meta = digests
+    return cache.content_key(RUN_VERSION, cfg.as_dict(), img, meta, data, cache.code_fingerprint(*CODE_MODULES))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +380,7 @@ def create_model(spec: Mapping[str, Any], *, name: str, train: Mapping[str, Any]
     spec = dict(spec)
     kind = spec.pop("kind")
     spec.pop("centre", None)
-    if kind in ("histomoe", "mlp"):
+    if kind in NEURAL_KINDS:
         spec["train"] = {**dict(train), **dict(spec.get("train") or {})}
     if kind == "histomoe":
         return MoERegressor(name=name, **spec)
@@ -408,29 +415,37 @@ def centre_sections(data):
 
 @dataclass
 class BenchmarkRun:
-    """A finished run folder with its tables."""
+    """A finished run folder with its tables (read once per object; each access returns a fresh copy)."""
 
     path: Path
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _read(self, name: str) -> pd.DataFrame:
+        if name not in self._tables:
+            self._tables[name] = pd.read_csv(self.path / name)
+        return self._tables[name].copy()
 
     @property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        if "config.json" not in self._tables:
+            self._tables["config.json"] = (self.path / "config.json").read_text()
+        return json.loads(self._tables["config.json"])
 
     @property
     def results(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "results.csv")
+        return self._read("results.csv")
 
     @property
     def summary(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "summary.csv")
+        return self._read("summary.csv")
 
     @property
     def per_gene(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "per_gene.csv")
+        return self._read("per_gene.csv")
 
     @property
     def per_section(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "per_section.csv")
+        return self._read("per_section.csv")
 
     def summary_markdown(self) -> str:
         return (self.path / "summary.md").read_text()
@@ -496,18 +511,8 @@ def _fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, t
                         "genes": list(test.genes)}, tmp / "model.pt")
 
 
-def _units(cfg: BenchmarkConfig, folds) -> list[tuple[str, Any, str, int]]:
-    out = []
-    for target in cfg.targets:
-        for fold in folds:
-            for name in cfg.models:
-                for seed in cfg.seeds:
-                    out.append((target, fold, name, seed))
-    return out
-
-
 def _is_deterministic(spec: Mapping[str, Any]) -> bool:
-    return spec["kind"] not in ("histomoe", "mlp")
+    return spec["kind"] not in NEURAL_KINDS
 
 
 def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st", *, progress: bool = True,
@@ -529,12 +534,13 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
             if (hit / "summary.md").exists():
                 return BenchmarkRun(hit)
         samples, folds, img, meta, fixed = load_inputs(cfg, progress=progress)
-        key = run_key(cfg, samples, img, meta)
+        digests = input_digests(samples, img, meta)
+        key = run_key(cfg, digests)
         final = paths.runs_dir() / f"{cfg.dataset}-{cfg.encoder.replace('/', '_').replace(':', '_')}-{key}"
         if (final / "summary.md").exists() and not force:
             _write_index(index, final)
             return BenchmarkRun(final)
-        panels, done, pending = _plan(cfg, samples, folds, img, meta, fixed)
+        panels, done, pending = _plan(cfg, samples, folds, img, meta, fixed, digests)
         _fit_pending(cfg, pending, n_jobs=resolve_jobs(n_jobs), threads=threads, progress=progress)
         _assemble(cfg, folds, panels, done, final, key, time.perf_counter() - t_start)
         _write_index(index, final)
@@ -575,15 +581,14 @@ class _Pending:
     unit: Path
 
 
-def _plan(cfg: BenchmarkConfig, samples, folds, img, meta, fixed):
+def _plan(cfg: BenchmarkConfig, samples, folds, img, meta, fixed, digests: tuple[str, str, str]):
     """Gene panels per (target, fold), the unit folder of every (target, fold, model, seed), and the fits missing
     from the cache (fold arrays are cut only for folds with missing fits)."""
     from histomoe_core.data.genes import select_panel
     from histomoe_core.features import fold_arrays, spot_table
 
     table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta, context_key=cfg.context_key)
-    inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, dataset_digest(samples),
-                               _array_digest(img), _array_digest(meta or {}), cfg.embedding_norm)
+    inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, *digests, cfg.embedding_norm)
     code = cache.code_fingerprint(*UNIT_MODULES)
     panels: dict[tuple[str, str], pd.DataFrame] = {}
     done: dict[tuple[str, str, str, int], Path] = {}

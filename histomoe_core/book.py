@@ -211,15 +211,23 @@ def repository(root: Path) -> Repo:
     return Repo(str(repo["url"]).rstrip("/"), str(repo.get("branch") or "main"))
 
 
-def page_notebook(chapter: "Chapter", repo: Repo):
+def _source_notebook(chapter: "Chapter", notebooks: Mapping | None):
+    """A fresh copy of the chapter's notebook (from ``notebooks`` when the caller read it already)."""
+    import copy
+
+    return read_chapter(chapter) if notebooks is None else copy.deepcopy(notebooks[chapter.stem])
+
+
+def page_notebook(chapter: "Chapter", repo: Repo, notebooks: Mapping | None = None):
     """The notebook a chapter executes into: its cells, the Colab install cell and the launch link."""
-    return number_cells(add_cells(read_chapter(chapter), repo, launch=launch_source(repo, chapter.stem, chapter.number)))
+    nb = _source_notebook(chapter, notebooks)
+    return number_cells(add_cells(nb, repo, launch=launch_source(repo, chapter.stem, chapter.number)))
 
 
-def sync_colab(root: Path, chapters: Sequence["Chapter"], log=print) -> list[Path]:
+def sync_colab(root: Path, chapters: Sequence["Chapter"], log=print, notebooks: Mapping | None = None) -> list[Path]:
     """Rewrite ``book/notebooks/`` (the notebooks Colab opens) from the chapters; returns the files written."""
     repo = repository(root)
-    return sync_notebooks(root, chapters, [number_cells(colab_notebook(read_chapter(c), repo)) for c in chapters],
+    return sync_notebooks(root, chapters, [number_cells(colab_notebook(_source_notebook(c, notebooks), repo)) for c in chapters],
                           log=log)
 
 
@@ -409,12 +417,13 @@ def _error_summary(nb_path: Path) -> str:
     return "see the notebook"
 
 
-def execute_chapter(chapter: Chapter, params: Mapping, *, repo: Repo, out_path: Path, timeout_s: int | None = None) -> None:
+def execute_chapter(chapter: Chapter, params: Mapping, *, repo: Repo, out_path: Path, timeout_s: int | None = None,
+                    notebooks: Mapping | None = None) -> None:
     """Execute one chapter with papermill; on failure keep the partial notebook at ``out_path`` and raise."""
     import nbformat
     import papermill as pm
 
-    nb = page_notebook(chapter, repo)
+    nb = page_notebook(chapter, repo, notebooks)
     parameters_cell(nb)  # fail early, naming the chapter, when the cell is missing
     with tempfile.TemporaryDirectory(prefix="histomoe-book-") as tmp:
         src = Path(tmp) / f"{chapter.stem}.ipynb"
@@ -455,6 +464,7 @@ def resolve_parameters(chapter: Chapter, nb, profile: Profile, overrides: Mappin
 def run_chapters(
     root: Path, profile: Profile, chapters: Sequence[Chapter], *, overrides: Mapping | None = None,
     selected: Sequence[Chapter] | None = None, force: bool = False, keep_going: bool = False, log=print,
+    notebooks: Mapping | None = None,
 ) -> list[ChapterRun]:
     """Execute (or fetch from the cache) the ``selected`` chapters; keep the others' executed notebooks.
 
@@ -464,7 +474,7 @@ def run_chapters(
     selected = list(chapters) if selected is None else list(selected)
     repo = repository(root)
     executed_dir = root / EXECUTED_DIR
-    notebooks = {c.stem: read_chapter(c) for c in chapters}
+    notebooks = {c.stem: read_chapter(c) for c in chapters} if notebooks is None else notebooks
     for c in chapters:
         try:
             parameters_cell(notebooks[c.stem])
@@ -494,7 +504,7 @@ def run_chapters(
             continue
         log(f"[book] {c.stem}: executing with {json.dumps(params, default=str)}")
         try:
-            execute_chapter(c, params, repo=repo, out_path=out)
+            execute_chapter(c, params, repo=repo, out_path=out, notebooks=notebooks)
         except BookError as exc:
             if not keep_going:
                 raise
@@ -581,9 +591,10 @@ def build_book(
         raise BookError(f"no chapters in {root / CHAPTERS_DIR} (expected files like 01_data.py)")
     selected = select_chapters(all_chapters, chapters)
     sync_toc(root, all_chapters, log=log)
-    sync_colab(root, all_chapters, log=log)
+    notebooks = {c.stem: read_chapter(c) for c in all_chapters}  # read once, copied where cells are added
+    sync_colab(root, all_chapters, log=log, notebooks=notebooks)
     runs = run_chapters(root, prof, all_chapters, overrides=overrides, selected=selected, force=force,
-                        keep_going=keep_going, log=log)
+                        keep_going=keep_going, log=log, notebooks=notebooks)
     html_dir = None
     missing = [r.chapter.stem for r in runs if r.status == "missing"]
     if html and missing:

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +36,26 @@ def _default(o: Any) -> Any:
 def content_key(*parts: Any, length: int = 16) -> str:
     blob = json.dumps(parts, sort_keys=True, default=_default).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _memo_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256sum(Path(path))
+
+
+def file_sha256(path: Path) -> str:
+    """:func:`sha256sum` memoised on (path, size, mtime) for the life of the process (slides, weight files)."""
+    st = Path(path).stat()
+    return _memo_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def code_fingerprint(*modules: str) -> str:

@@ -22,7 +22,9 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from histomoe_core.data.patches import PatchSpec, check_centres, crop_boxes, image_size, in_image, iter_patches
+from histomoe_core.data.patches import (  # noqa: F401  (open_slide, slide_batches: re-exported)
+    PatchSpec, crop_boxes, image_size, in_image, open_slide, slide_batches,
+)
 from histomoe_core.data.sample import Sample
 from histomoe_core.embed_cache import (
     CacheEntry, encoder_key, finalize, read_card, read_chunks, read_final, write_card, write_chunk,
@@ -105,12 +107,18 @@ class _Job:
     sample: Sample
     entry: CacheEntry
     expected: np.ndarray  #: spot indices that get a patch
-    done_idx: np.ndarray
+    done_idx: np.ndarray  #: spots read from the cache's chunk files (a resumed run)
     done_emb: np.ndarray
+    new: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  #: (indices, embeddings) of this run
+    missing: np.ndarray = field(init=False)  #: spots to embed in this run (fixed when planned)
 
-    @property
-    def missing(self) -> np.ndarray:
-        return np.setdiff1d(self.expected, self.done_idx)
+    def __post_init__(self) -> None:
+        self.missing = np.setdiff1d(self.expected, self.done_idx)
+
+    def all_done(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and embeddings of every finished spot, concatenated once."""
+        return (np.concatenate([self.done_idx, *(i for i, _ in self.new)]),
+                np.concatenate([self.done_emb, *(z for _, z in self.new)]))
 
 
 @dataclass
@@ -154,86 +162,6 @@ def shard(jobs: Sequence[_Job], rank: int, world: int) -> list[_Job]:
     return sorted(mine, key=lambda j: order[j.sample.sample_id])
 
 
-# ------------------------------------------------------------------------------------------------ patches
-def _pil_crop(im, box: np.ndarray, out_px: int) -> np.ndarray:
-    """The same pixels as ``data.patches`` crops (white padding outside the image, bicubic resize), cut
-    straight from the decoded PIL image."""
-    from PIL import Image
-
-    x0, y0, x1, y1 = (int(v) for v in box)
-    w, h = im.size
-    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
-        crop = im.crop((x0, y0, x1, y1))
-    else:
-        crop = Image.new("RGB", (x1 - x0, y1 - y0), (255, 255, 255))
-        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-        if sx1 > sx0 and sy1 > sy0:
-            crop.paste(im.crop((sx0, sy0, sx1, sy1)), (sx0 - x0, sy0 - y0))
-    if crop.size[0] != out_px:
-        crop = crop.resize((out_px, out_px), Image.BICUBIC)
-    return np.asarray(crop)
-
-
-def open_slide(sample: Sample):
-    """The sample's slide decoded into a PIL image, or None when :func:`slide_batches` reads it another way
-    (TIFF, HEST patch files, a missing or unreadable file, an unusual image mode: those raise their clear error
-    there). Decoding releases the GIL, so slides can be opened ahead in threads."""
-    from pathlib import Path
-
-    from PIL import Image, UnidentifiedImageError
-
-    path = sample.image_path
-    if path is None or Path(path).suffix.lower() in (".tif", ".tiff") or not Path(path).exists():
-        return None
-    try:
-        im = Image.open(path)
-        im.load()
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
-    if im.mode != "RGB":
-        im.close()
-        return None
-    return im
-
-
-def slide_batches(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 64,
-                  indices: np.ndarray | None = None, opened=False, pool=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`~histomoe_core.data.patches.iter_patches` for JPEG/PNG slides, cropping from the decoded PIL image.
-
-    Yields the same ``(spot_indices, uint8 patches)`` (``tests/test_embed.py`` checks they are byte-identical)
-    without the two full-slide copies of the numpy route: about 0.7 s less CPU and 0.5 GB less memory per
-    her2st section. Anything else (TIFF, HEST patch files, unusual image modes, ``out_of_image='error'``
-    with crops outside, unreadable files) goes through ``iter_patches`` itself. ``opened``: the result of
-    :func:`open_slide` for this sample when it was decoded ahead (closed here); by default it is opened here.
-    ``pool``: an executor that crops and resizes the patches of a batch in parallel (PIL releases the GIL).
-    """
-
-    def fallback():
-        return iter_patches(sample, spec, batch_size=batch_size, indices=indices)
-
-    im = open_slide(sample) if opened is False else opened
-    if im is None:
-        yield from fallback()
-        return
-    with im:
-        w, h = im.size
-        check_centres(sample, w, h)
-        boxes = crop_boxes(sample.coords, spec.crop_px(sample.pixel_size_um))
-        inside = in_image(boxes, w, h)
-        if spec.out_of_image == "error" and not inside.all():
-            yield from fallback()
-            return
-        keep = np.flatnonzero(inside) if spec.out_of_image == "drop" else np.arange(len(boxes))
-        if indices is not None:
-            keep = np.intersect1d(keep, np.asarray(indices))
-        for start in range(0, len(keep), batch_size):
-            idx = keep[start : start + batch_size]
-            if pool is None:
-                yield idx, np.stack([_pil_crop(im, boxes[i], spec.out_px) for i in idx])
-            else:
-                yield idx, np.stack(list(pool.map(lambda i: _pil_crop(im, boxes[i], spec.out_px), idx)))
-
-
 # ------------------------------------------------------------------------------------------------ pipeline
 def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
     while not stop.is_set():
@@ -252,25 +180,24 @@ def _produce(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, batc
     are cropped and resized by as many threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    decode_ahead = threads
     todo = [j for j, job in enumerate(jobs) if len(job.missing)]
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="histomoe-decode") if threads else None
+    decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="histomoe-decode") if threads else None
     crops = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="histomoe-crop") if threads else None
     ahead: dict[int, object] = {}
 
     def schedule(k: int) -> None:
-        if pool is not None and k < len(todo):
-            ahead[todo[k]] = pool.submit(open_slide, jobs[todo[k]].sample)
+        if decoder is not None and k < len(todo):
+            ahead[todo[k]] = decoder.submit(open_slide, jobs[todo[k]].sample)
 
     try:
-        for k in range(decode_ahead):
+        for k in range(threads):
             schedule(k)
         done = 0
         for j, job in enumerate(jobs):
             missing = job.missing
             if len(missing):
                 opened = ahead.pop(j).result() if j in ahead else False
-                schedule(done + decode_ahead)
+                schedule(done + threads)
                 done += 1
                 for idx, patches in slide_batches(job.sample, spec, batch_size=batch_size, indices=missing,
                                                   opened=opened, pool=crops):
@@ -287,8 +214,8 @@ def _produce(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, batc
     finally:
         if crops is not None:
             crops.shutdown(wait=True, cancel_futures=True)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if decoder is not None:
+            decoder.shutdown(wait=True, cancel_futures=True)
             for f in ahead.values():  # slides decoded ahead but never used (stopped early)
                 if f.done() and f.exception() is None and f.result() is not None:
                     f.result().close()
@@ -333,7 +260,7 @@ def _run(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, *, batch
                 j, idx, x = item
                 job = jobs[j]
                 if idx is None:
-                    out[job.sample.sample_id] = finalize(job.entry, job.sample, job.done_idx, job.done_emb)
+                    out[job.sample.sample_id] = finalize(job.entry, job.sample, *job.all_done())
                     between_samples()
                     continue
                 t_fwd = time.perf_counter()
@@ -344,8 +271,7 @@ def _run(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, *, batch
                 z = encoder(x)[:n].float().cpu().numpy()
                 stats.forward_s += time.perf_counter() - t_fwd
                 write_chunk(job.entry, idx, z)
-                job.done_idx = np.concatenate([job.done_idx, idx])
-                job.done_emb = np.concatenate([job.done_emb, z])
+                job.new.append((idx, z))
                 stats.n_patches += len(idx)
                 bar.update(len(idx))
     finally:

@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from histomoe_core import paths
-from histomoe_core.cache import code_fingerprint, content_key
+from histomoe_core.cache import code_fingerprint, content_key, file_sha256
 from histomoe_core.data.patches import PatchSpec
 from histomoe_core.data.sample import Sample
 from histomoe_core.encoders.base import VisionEncoder
-from histomoe_core.encoders.lite import file_sha256
 
 #: bump when the file layout or the meaning of a stored vector changes
 FORMAT_VERSION = 1

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import warnings
@@ -26,6 +25,7 @@ import torch
 from histomoe_core.data.patches import PatchSpec, iter_patches
 from histomoe_core.data.sample import Sample, SampleSet
 from histomoe_core.encoders import RandomInitWarning, VisionEncoder, create_encoder
+from histomoe_core.paths import environ
 
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -50,16 +50,8 @@ def encoder_table(names: Sequence[str]) -> pd.DataFrame:
 @contextmanager
 def temporary_cache() -> Iterator[str]:
     """Point ``HISTOMOE_CACHE_DIR`` at a fresh temporary folder for the duration (cold-cache timings)."""
-    old = os.environ.get("HISTOMOE_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="histomoe-cold-") as tmp:
-        os.environ["HISTOMOE_CACHE_DIR"] = tmp
-        try:
-            yield tmp
-        finally:
-            if old is None:
-                os.environ.pop("HISTOMOE_CACHE_DIR", None)
-            else:
-                os.environ["HISTOMOE_CACHE_DIR"] = old
+    with tempfile.TemporaryDirectory(prefix="histomoe-cold-") as tmp, environ(HISTOMOE_CACHE_DIR=tmp):
+        yield tmp
 
 
 class Ceiling(NamedTuple):
@@ -69,7 +61,8 @@ class Ceiling(NamedTuple):
     cpu_s: float  #: CPU time of the process (all threads) during the timed part
 
 
-def _cpu_s() -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process so far (user + system), in seconds."""
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -98,12 +91,12 @@ def forward_ceiling(encoder: VisionEncoder, samples: Sequence[Sample], *, spec: 
         enc(batches[0])  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        t0, c0 = time.perf_counter(), _cpu_s()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for x in batches:
             enc(x).float().cpu()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        dt, dc = time.perf_counter() - t0, _cpu_s() - c0
+        dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
     return Ceiling(n / dt, n, dt, dc)
 
 
@@ -208,7 +201,7 @@ def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: in
     from histomoe_core.baselines import create_baseline
     from histomoe_core.data.genes import select_panel
     from histomoe_core.data.splits import make_folds
-    from histomoe_core.embed import embed_samples
+    from histomoe_core.embed import run_embedding
     from histomoe_core.evaluate import score
     from histomoe_core.features import fold_arrays, spot_table
 
@@ -217,9 +210,10 @@ def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: in
     for name in encoders:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomInitWarning)
-            emb = embed_samples(samples, name, spec=spec, batch_size=batch_size, device=device, progress=progress)
+            emb, stats = run_embedding(samples, name, spec=spec, batch_size=batch_size, device=device,
+                                       progress=progress)
         table = spot_table(samples, emb)
-        pretrained = _quiet_create(name).pretrained
+        pretrained = stats.pretrained
         for kind in kinds:
             for fold in folds:
                 panel = select_panel([samples[i] for i in fold.train], n_genes=n_genes, min_frac=min_frac, kind=kind)

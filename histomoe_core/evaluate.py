@@ -37,6 +37,12 @@ def pearson_columns(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
+def hest_metric(y: np.ndarray, p: np.ndarray) -> float:
+    """HEST-Bench's score: Pearson r per gene over all spots, mean over genes (-1 when no gene is defined)."""
+    r = pearson_columns(y, p)
+    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+
+
 def _nanmean(a: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")

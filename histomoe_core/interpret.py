@@ -112,7 +112,7 @@ class Attributor:
         if self.genes is not None and len(self.genes) != model.moe.cfg.n_genes:
             raise ValueError(f"{len(self.genes)} gene names for a model predicting {model.moe.cfg.n_genes} genes")
         self.meta_emb = None if meta_emb is None else torch.as_tensor(np.asarray(meta_emb, np.float32), device=self.device)
-        from histomoe_core.tl.predict import model_expert_names
+        from histomoe_core.tl.prediction import model_expert_names
 
         self.experts = model_expert_names(model)
 

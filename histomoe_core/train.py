@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from histomoe_core.evaluate import pearson_columns
+from histomoe_core.evaluate import hest_metric
 from histomoe_core.features import FoldData, group_folds, inner_split
 from histomoe_core.moe import HistoMoE, MoEConfig, MoEOutput
 
@@ -135,12 +135,13 @@ def forward(model: nn.Module, t: dict[str, torch.Tensor], idx: torch.Tensor | sl
 
 
 @torch.no_grad()
-def predict_arrays(model: nn.Module, data: FoldData, *, batch_size: int = 4096, device: torch.device | None = None) -> dict[str, np.ndarray]:
+def predict_arrays(model: nn.Module, data: FoldData, *, batch_size: int = 4096, device: torch.device | None = None,
+                   tensors: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Eval-mode prediction: ``pred``, ``gates`` and ``expert_preds`` as numpy arrays."""
     base = model.module if hasattr(model, "module") else model
     device = device or next(iter(base.buffers())).device
     base.eval()
-    t = _tensors(data, device)
+    t = _tensors(data, device) if tensors is None else tensors
     outs = {"pred": [], "gates": [], "expert_preds": []}
     for s in range(0, len(data), batch_size):
         o = forward(base, t, slice(s, s + batch_size), exclude_group=False)
@@ -149,12 +150,12 @@ def predict_arrays(model: nn.Module, data: FoldData, *, batch_size: int = 4096, 
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}
 
 
-def _score(model: nn.Module, data: FoldData, monitor: str, device: torch.device) -> float:
-    p = predict_arrays(model, data, device=device)["pred"]
+def _score(model: nn.Module, data: FoldData, monitor: str, device: torch.device,
+           tensors: dict[str, torch.Tensor] | None = None) -> float:
+    p = predict_arrays(model, data, device=device, tensors=tensors)["pred"]
     if monitor == "loss":
         return -float(((p - data.y) ** 2).mean())
-    r = pearson_columns(data.y, p)
-    return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+    return hest_metric(data.y, p)
 
 
 def _ckpt_path(checkpoint_dir: Path | None, phase: str) -> Path | None:
@@ -185,6 +186,7 @@ class _Run:
         # the retrieval expert skips bank spots of the query's own group (patient by default) in training
         self.t = _tensors(train, device, getattr(self.model, "group_by", "patient"))
         self.n, self.val = len(train), val
+        self.tv = None if val is None else _tensors(val, device)  # scored every epoch: built once
 
     def epoch(self, cfg: TrainConfig, seed: int, epoch: int, rank: int, world: int, amp: bool, device: torch.device) -> dict:
         self.model.train()
@@ -235,14 +237,14 @@ def train_epochs(build: Callable[[FoldData], nn.Module], parts: list[tuple[FoldD
                                                               st["history"], st["best_states"])
     if has_val and start == 0 and getattr(runs[0].model, "anchored", False):
         # a model built from a fitted solution (ridge start): the untrained starting point competes too
-        best = float(np.mean([_score(r.model, r.val, cfg.monitor, device) for r in runs]))
+        best = float(np.mean([_score(r.model, r.val, cfg.monitor, device, r.tv) for r in runs]))
         best_epoch, best_states = 0, [copy.deepcopy(r.model.state_dict()) for r in runs]
         history.append({"epoch": 0, "val": best})
     for epoch in range(start, epochs):
         sums = [r.epoch(cfg, seed, epoch, rank, world, amp, device) for r in runs]
         logs = {"epoch": epoch + 1, **{f"train_{k}": float(np.mean([s.get(k, np.nan) for s in sums])) for k in sums[0]}}
         if has_val:
-            scores = [_score(r.model, r.val, cfg.monitor, device) for r in runs]
+            scores = [_score(r.model, r.val, cfg.monitor, device, r.tv) for r in runs]
             logs["val"] = score = float(np.mean(scores))
             if len(scores) > 1:
                 logs["val_folds"] = scores
@@ -314,19 +316,15 @@ def _fit(build, train: FoldData, cfg: TrainConfig, *, seed: int, checkpoint_dir,
 
 def _ridge_solution(model: HistoMoE, data: FoldData, alpha: float | None) -> tuple[np.ndarray, np.ndarray, float]:
     """Ridge on the model's input features (alpha by patient-grouped inner CV unless given)."""
-    from histomoe_core.baselines import ALPHAS, cv_ridge_alpha, ridge_path
-    from histomoe_core.features import group_folds
+    from histomoe_core.baselines import RidgeCV
 
     with torch.no_grad():
         z = model.features(torch.as_tensor(data.x, dtype=torch.float32)).double().numpy()
-    y = data.y.astype(np.float64)
-    if alpha is None:
-        try:
-            alpha, _ = cv_ridge_alpha(z, y, group_folds(data), ALPHAS)
-        except ValueError:  # a single section: no grouped CV possible
-            alpha = 1e3
-    coefs, b = ridge_path(z, y, [alpha])
-    return coefs[0], b[0], float(alpha)
+    try:
+        ridge = RidgeCV(alpha=alpha).fit(data, z=z)
+    except ValueError:  # a single section: no grouped CV possible
+        ridge = RidgeCV(alpha=1e3).fit(data, z=z)
+    return ridge.coef, ridge.intercept, float(ridge.alpha)
 
 
 class MoERegressor:
@@ -346,7 +344,6 @@ class MoERegressor:
       ``"patient"`` (default) or ``"sample"`` (section).
     """
 
-    deterministic = False
 
     def __init__(self, *, name: str = "histomoe", train: dict | TrainConfig | None = None, init: str | None = None,
                  freeze_init: bool = False, ridge_alpha: float | None = None, retrieval_exclude: str = "patient",

@@ -152,6 +152,20 @@ def test_parallel_fits_equal_serial_fits(monkeypatch, tmp_path):
     assert not list((tmp_path / "failing" / "runs").glob("synthetic-*/summary.md"))
 
 
+def test_fold_adata_sees_the_embeddings_the_run_trained_on(tmp_path, monkeypatch):
+    import histomoe_core.benchmark as bm
+    from histomoe_core import tl
+
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path))
+    models = {"histomoe": {"kind": "histomoe", "n_experts": 2, "hidden": 8, "router_input": "image"}}
+    run = bm.run_benchmark("synthetic", dataset_options=SYN, text_encoder="onehot", seeds=(0,), targets=("log1p",),
+                           n_genes=10, models=models, train={"epochs": 2, "patience": 1}, embedding_norm="section",
+                           progress=False)
+    fold = run.config["folds"][0]
+    one = tl.fold_adata(run, fold["name"], sections=[fold["test"][0]])  # raises if the inputs differ from the run's
+    assert one.uns["histomoe"]["params"]["max_abs_diff_vs_run"] < 1e-4
+
+
 def test_profiles_and_unknown_names():
     from histomoe_core.benchmark import PROFILES, make_config
     from histomoe_core.errors import HistoMoEError

@@ -5,7 +5,6 @@ renamed into place, so an interrupted fetch never leaves a half-written file und
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -16,18 +15,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from histomoe_core import paths
+from histomoe_core.cache import file_sha256, sha256sum
 from histomoe_core.data.manifests import FileEntry, Manifest, load_manifest
 from histomoe_core.errors import FetchError
 
 HTTP_TIMEOUT_S = 10
-
-
-def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def offline() -> bool:
@@ -35,7 +27,7 @@ def offline() -> bool:
 
 
 def _valid(path: Path, entry: FileEntry) -> bool:
-    return path.is_file() and sha256sum(path) == entry.sha256
+    return path.is_file() and file_sha256(path) == entry.sha256
 
 
 def atomic_copy(src: Path, dst: Path) -> None:

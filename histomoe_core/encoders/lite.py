@@ -8,15 +8,14 @@ forward pass written directly on the original tensors, and checks ImageNet predi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections import OrderedDict
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from histomoe_core.cache import file_sha256
 from histomoe_core.errors import HistoMoEError
 
 #: variant -> (package module, class with get_model_file_path, timm architecture, native input px)
@@ -43,19 +42,6 @@ def lite_weights_path(variant: int) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) for the life of the process."""
-    st = Path(path).stat()
-    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
 
 
 def load_lite_state_dict(variant: int) -> "OrderedDict[str, torch.Tensor]":

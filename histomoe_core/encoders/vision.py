@@ -135,12 +135,6 @@ def _resolve(value: Any) -> Any:
     return value
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` (or ``HISTOMOE_OFFLINE``) is set to a true value."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HISTOMOE_OFFLINE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
-
-
 def _hub_reachable(timeout: float = 3.0) -> bool:
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -161,8 +155,10 @@ def hub_encoder(name: str, **kwargs: Any) -> VisionEncoder:
     """``hf-hub:org/name`` through timm, with the hub's own weights; fails fast and clearly offline."""
     import timm
 
+    from histomoe_core.data.fetch import offline
+
     repo_id = name.split(":", 1)[1].split("@")[0]
-    if hub_offline():
+    if offline():
         if not _in_local_cache(repo_id):
             raise EncoderError(
                 f"{name}: offline (HF_HUB_OFFLINE/HISTOMOE_OFFLINE set) and {repo_id} is not in the local Hugging Face "

@@ -11,7 +11,7 @@ import pandas as pd
 from histomoe_core.data.patches import PatchSpec, iter_patches, patch_qc
 from histomoe_core.data.sample import Sample, SampleSet, total_counts
 from histomoe_core.data.targets import TARGET_KINDS, make_targets
-from histomoe_core.pl.spatial import spatial_scatter, thumbnail
+from histomoe_core.pl.spatial import category_palette, spatial_scatter, thumbnail
 
 #: patch QC status -> colour (status order is the legend order)
 QC_COLOURS = {"ok": "#4c956c", "background": "#e07a5f", "out of image": "#3d405b"}
@@ -112,13 +112,13 @@ def spot_qc_distributions(qc: pd.DataFrame) -> plt.Figure:
     """Counts per spot (log scale) and genes detected per spot, one box per section, coloured by patient."""
     secs = list(qc["section"].cat.categories) if hasattr(qc["section"], "cat") else list(pd.unique(qc["section"]))
     patients = sorted(qc["patient"].unique())
-    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(patients)}
+    colours = category_palette(patients)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, col, label, log in ((axes[0], "total_counts", "counts per spot", True), (axes[1], "n_genes", "genes per spot", False)):
         data = [qc.loc[qc["section"] == s, col].to_numpy() for s in secs]
         box = ax.boxplot(data, patch_artist=True, showfliers=False, widths=0.6)
         for patch, s in zip(box["boxes"], secs):
-            patch.set_facecolor(colours[qc.loc[qc["section"] == s, "patient"].iloc[0]])
+            patch.set_facecolor(colours[str(qc.loc[qc["section"] == s, "patient"].iloc[0])])
             patch.set_alpha(0.7)
         for i, d in enumerate(data, start=1):
             ax.scatter(np.random.default_rng(i).normal(i, 0.06, len(d)), d, s=3, color="black", alpha=0.3, linewidths=0)
@@ -127,7 +127,7 @@ def spot_qc_distributions(qc: pd.DataFrame) -> plt.Figure:
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("section")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[p], alpha=0.7) for p in patients]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[str(p)], alpha=0.7) for p in patients]
     axes[1].legend(handles, patients, title="patient", frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     return fig

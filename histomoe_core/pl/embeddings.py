@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from histomoe_core.data.sample import Sample
+from histomoe_core.pl.spatial import category_palette
 
 
 def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float = 3.6, point: float = 6.0,
@@ -25,11 +26,11 @@ def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float 
         v = adata.obs[key]
         if isinstance(v.dtype, pd.CategoricalDtype) or v.dtype == object:
             cats = list(v.astype("category").cat.categories)
-            cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+            colours = list(category_palette(cats).values())
             codes = v.astype("category").cat.codes.to_numpy()
-            ax.scatter(xy[order, 0], xy[order, 1], c=[cmap(c % cmap.N) for c in codes[order]], s=point, linewidths=0)
-            for i, c in enumerate(cats):
-                ax.scatter([], [], color=cmap(i % cmap.N), label=str(c), s=20)
+            ax.scatter(xy[order, 0], xy[order, 1], c=[colours[c] for c in codes[order]], s=point, linewidths=0)
+            for c, colour in zip(cats, colours):
+                ax.scatter([], [], color=colour, label=str(c), s=20)
             ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.2)
         else:
             vals = v.to_numpy(float)

@@ -12,16 +12,14 @@ from matplotlib.figure import Figure
 
 from histomoe_core.data.sample import Sample
 from histomoe_core.pl.routing import map_style
-from histomoe_core.pl.spatial import spatial_scatter, thumbnail
+from histomoe_core.evaluate import pearson_columns
+from histomoe_core.pl.spatial import category_palette, spatial_scatter, thumbnail
 from histomoe_core.tl.slots import section_index
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two vectors (NaN when either is constant)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
+    """Pearson correlation of two vectors, as the benchmark computes it (NaN when either is constant)."""
+    return float(pearson_columns(np.asarray(a, float)[:, None], np.asarray(b, float)[:, None])[0])
 
 
 def gene_values(adata: ad.AnnData, gene: str, layer: str) -> np.ndarray:
@@ -103,13 +101,12 @@ def prediction_scatter(adata: ad.AnnData, genes: Sequence[str], *, key: str = "h
     nrows = int(np.ceil(len(genes) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), constrained_layout=True, squeeze=False)
     groups = adata.obs[color_by].astype(str).to_numpy() if color_by else np.full(adata.n_obs, "")
-    levels = sorted(set(groups))
-    colors = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+    colors = category_palette(sorted(set(groups)))
     for ax, g in zip(axes.flat, genes):
         y, p = gene_values(adata, g, measured), gene_values(adata, g, key)
-        for i, lev in enumerate(levels):
+        for lev, colour in colors.items():
             m = groups == lev
-            ax.scatter(y[m], p[m], s=5, alpha=0.6, color=colors(i % colors.N), label=lev or None, linewidths=0)
+            ax.scatter(y[m], p[m], s=5, alpha=0.6, color=colour, label=lev or None, linewidths=0)
         lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
         ax.plot([lo, hi], [lo, hi], ls="--", lw=0.7, color="grey")
         ax.set_title(f"{g}: r = {pearson(y, p):.2f}", fontsize=10)
@@ -117,6 +114,6 @@ def prediction_scatter(adata: ad.AnnData, genes: Sequence[str], *, key: str = "h
         ax.set_ylabel("predicted")
     for ax in axes.flat[len(genes):]:
         ax.set_axis_off()
-    if color_by and len(levels) > 1:
+    if color_by and len(colors) > 1:
         axes.flat[0].legend(frameon=False, fontsize=7, markerscale=2, title=color_by, title_fontsize=7)
     return fig

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from histomoe_core.data.sample import Sample
-from histomoe_core.pl.spatial import grid_spot_um, spatial_scatter, thumbnail
+from histomoe_core.pl.spatial import category_palette, grid_spot_um, spatial_scatter, thumbnail
 from histomoe_core.tl import routing as rt
 from histomoe_core.tl.slots import section_index, slot_names
 
@@ -28,8 +28,7 @@ def map_style(sample: Sample) -> dict:
 
 def expert_palette(experts: Sequence[str]) -> dict[str, tuple]:
     """One fixed colour per expert (tab10 order), shared by every routing figure."""
-    cmap = plt.get_cmap("tab10" if len(experts) <= 10 else "tab20")
-    return {str(e): cmap(i % cmap.N) for i, e in enumerate(experts)}
+    return category_palette(experts)
 
 
 def _experts(adata: ad.AnnData, key: str) -> list[str]:

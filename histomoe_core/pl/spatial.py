@@ -53,6 +53,12 @@ def _resized(img: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
     return img, f
 
 
+def category_palette(levels: Sequence) -> dict[str, tuple]:
+    """One fixed colour per category, in order (tab10, or tab20 beyond ten), shared by every figure."""
+    cmap = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+    return {str(c): cmap(i % cmap.N) for i, c in enumerate(levels)}
+
+
 def grid_spot_um(sample: Sample, *, fill: float = 0.85) -> float:
     """A drawn spot diameter (um) that fills ``fill`` of the spot grid pitch (median nearest-neighbour distance),
     so per-spot colours stay readable at figure size (the measured spot itself may be smaller)."""
@@ -103,11 +109,11 @@ def spatial_scatter(
         cats = np.asarray(values).astype(str)
         declared = getattr(getattr(values, "cat", values), "categories", None)
         levels = [str(c) for c in declared if str(c) in set(cats)] if declared is not None else sorted(set(cats))
-        colors = plt.get_cmap("tab10" if len(levels) <= 10 else "tab20")
+        colors = {**category_palette(levels), **(palette or {})}
         handles = []
-        for i, lev in enumerate(levels):
+        for lev in levels:
             m = cats == lev
-            color = palette[lev] if palette is not None and lev in palette else colors(i % colors.N)
+            color = colors[lev]
             _spots(ax, xy[m], diameter_px, facecolors=color, alpha=alpha, linewidths=0)
             handles.append(Line2D([], [], ls="", marker="o", color=color, label=lev))
         if legend:

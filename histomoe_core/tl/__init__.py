@@ -9,23 +9,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# `predict` is both a submodule and its function: bound eagerly so importing the submodule elsewhere cannot
-# shadow the function with the module
-from histomoe_core.tl.predict import predict  # noqa: F401  (re-exported)
-
 #: public name -> submodule that defines it
 EXPORTS: dict[str, str] = {
     **dict.fromkeys(["spot_adata", "add_images"], "build"),
     **dict.fromkeys(["has_region_labels", "read_region_labels", "region_labels", "true_cell_type"], "labels"),
     **dict.fromkeys(["best_section", "fold_adata", "fold_of", "held_out", "load_run", "open_run", "run_samples"], "run"),
+    "predict": "prediction",
     **dict.fromkeys(["Agreement", "agreement", "dominant_expert", "expert_contrast", "expert_genes", "expert_usage",
                      "gate_entropy", "routing_agreement", "routing_character", "routing_summary", "usage_table"],
                     "routing"),
     **dict.fromkeys(["read_results", "slot_names", "write_results"], "slots"),
 }
-SUBMODULES = ("build", "labels", "run", "predict", "routing", "slots")
+SUBMODULES = ("build", "labels", "run", "prediction", "routing", "slots")
 
-__all__ = sorted([*EXPORTS, "predict"])
+__all__ = sorted(EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -37,4 +34,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*EXPORTS, *SUBMODULES, "predict"})
+    return sorted({*EXPORTS, *SUBMODULES})

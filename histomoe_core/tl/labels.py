@@ -23,11 +23,13 @@ def her2st_root(sample: Sample) -> Path:
     return Path(img[: -len(rel)])
 
 
+def _label_path(sample: Sample) -> Path:
+    return her2st_root(sample) / LABEL_DIR / f"{sample.sample_id}_labeled_coordinates.tsv"
+
+
 def has_region_labels(sample: Sample) -> bool:
     """Whether a her2st section comes with a pathologist label file (A1 in the public data)."""
-    if sample.meta.get("dataset") != "her2st":
-        return False
-    return (her2st_root(sample) / LABEL_DIR / f"{sample.sample_id}_labeled_coordinates.tsv").is_file()
+    return sample.meta.get("dataset") == "her2st" and _label_path(sample).is_file()
 
 
 def read_region_labels(sample: Sample) -> pd.Series:
@@ -37,7 +39,7 @@ def read_region_labels(sample: Sample) -> pd.Series:
     offsets; it is joined on the array grid (``obs.array_x / array_y`` = rounded label ``x / y``). Spots the
     pathologist did not label are NaN. Only sections with a label file have labels (A1 in the public data).
     """
-    path = her2st_root(sample) / LABEL_DIR / f"{sample.sample_id}_labeled_coordinates.tsv"
+    path = _label_path(sample)
     if not path.is_file():
         raise DataError(f"{sample.sample_id}: no pathologist labels ({path} does not exist; her2st labels A1 only)")
     table = pd.read_csv(path, sep="\t")

@@ -2,7 +2,7 @@
 
 Array functions (``gate_entropy``, ``usage_table``, ``agreement``, ``expert_contrast``) take plain arrays;
 the AnnData tools (``expert_usage``, ``routing_agreement``, ``expert_genes``) read the slots that
-:func:`histomoe_core.tl.predict` writes under ``key`` (default ``"histomoe"``).
+:func:`histomoe_core.tl.predict` (module :mod:`histomoe_core.tl.prediction`) writes under ``key`` (default ``"histomoe"``).
 """
 from __future__ import annotations
 

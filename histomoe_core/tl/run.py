@@ -62,10 +62,11 @@ def fold_adata(
     measured targets; ``uns[key_added]["params"]`` records run, fold, model and the largest difference between
     the recomputed and the stored held-out predictions (``max_abs_diff_vs_run``, ~1e-6).
     """
+    from histomoe_core.benchmark import normalise_embeddings
     from histomoe_core.data.patches import PatchSpec
     from histomoe_core.embed import embed_metadata, embed_samples
     from histomoe_core.tl.build import spot_adata
-    from histomoe_core.tl.predict import predict
+    from histomoe_core.tl.prediction import predict
 
     cfg = run_config(run)
     target = target or cfg["targets"][0]
@@ -82,6 +83,7 @@ def fold_adata(
         samples = samples.subset(list(sections))
         meta = None if meta is None else {s.sample_id: meta[s.sample_id] for s in samples}
     img = embed_samples(samples, cfg["encoder"], spec=PatchSpec(**dict(cfg.get("patch") or {})), progress=progress)
+    img = normalise_embeddings(img, cfg.get("embedding_norm", "none"))  # as the run's models saw them
     split = {**{s: "train" for s in folds[fold]["train"]}, **{s: "test" for s in folds[fold]["test"]}}
     adata = spot_adata(samples, genes, kind=target, embeddings=img, meta_embeddings=meta, images=images, split=split)
     predict(adata, net, genes=genes, meta="X_meta" if meta is not None else None, key_added=key_added)
