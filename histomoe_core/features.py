@@ -132,3 +132,14 @@ def group_folds(data: FoldData, *, by: str = "patient", max_folds: int = 5) -> l
         raise ValueError("inner cross-validation needs at least two sections in the training fold")
     chunks = np.array_split(uniq, min(max_folds, len(uniq)))
     return [(np.flatnonzero(~np.isin(keys, c)), np.flatnonzero(np.isin(keys, c))) for c in chunks]
+
+
+def centre_sections(data):
+    """Training targets with each section's mean moved to the pooled training mean (per gene)."""
+    y = data.y.astype(np.float64)
+    pooled = y.mean(0)
+    out = y.copy()
+    for s in np.unique(data.sample):
+        m = data.sample == s
+        out[m] += pooled - y[m].mean(0)
+    return replace(data, y=out.astype(np.float32))

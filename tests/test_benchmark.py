@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from histomoe_core.data.splits import Fold
+from histomoe_core.errors import HistoMoEError
 
 #: six organs with organ-specific gene programs; 3 patients each, so two train patients per organ remain
 SYN = dict(n_organs=6, patients_per_organ=3, spots_per_section=60, n_genes=60, patch_px=32)
@@ -107,7 +108,7 @@ def test_run_benchmark_writes_a_complete_reloadable_run(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("refit on an unchanged run")
 
-    monkeypatch.setattr(bm, "_fit_unit", boom)
+    monkeypatch.setattr(bm.units, "fit_unit", boom)
     again = bm.run_benchmark("synthetic", progress=False, **kw)
     assert again.path == run.path
     # a run with a subset of the models is a new run, assembled from the cached fits
@@ -134,7 +135,7 @@ def test_parallel_fits_equal_serial_fits(monkeypatch, tmp_path):
     a, b = serial.results, parallel.results
     assert len(a) == len(b) == 3 * 2 * 2
     assert np.allclose(a["pearson"], b["pearson"], atol=1e-6, equal_nan=True)
-    with pytest.raises(bm.HistoMoEError, match="n_jobs"):
+    with pytest.raises(HistoMoEError, match="n_jobs"):
         bm.resolve_jobs(0)
     import torch
 
@@ -147,7 +148,7 @@ def test_parallel_fits_equal_serial_fits(monkeypatch, tmp_path):
     # a fit that fails in a worker names the fit; nothing of the run is written
     monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path / "failing"))
     bad = {**models, "knn": {"kind": "knn", "no_such_option": 1}}  # fails inside the worker
-    with pytest.raises(bm.HistoMoEError, match="fit log1p .* knn .* failed in a worker"):
+    with pytest.raises(HistoMoEError, match="fit log1p .* knn .* failed in a worker"):
         bm.run_benchmark("synthetic", n_jobs=2, **{**kw, "models": bad})
     assert not list((tmp_path / "failing" / "runs").glob("synthetic-*/summary.md"))
 

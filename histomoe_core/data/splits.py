@@ -57,3 +57,21 @@ def make_folds(samples: SampleSet, scheme: str = "lopo", *, k: int | None = None
     if scheme == "kfold":
         return patient_kfold(samples, k or 2, seed=seed)
     raise ValueError(f"unknown split scheme {scheme!r}; use 'lopo' or 'kfold'")
+
+
+def stratified_folds(samples, k: int, *, key: str = "organ"):
+    """``k`` patient-grouped folds in which every context (``meta[key]``) has held-out patients when it has at
+    least ``k`` patients: each context's patients are dealt round-robin over the folds."""
+    ctx = {}
+    for s in samples:
+        ctx.setdefault(str(s.meta.get(key) or "unknown"), [])
+        if s.patient not in ctx[str(s.meta.get(key) or "unknown")]:
+            ctx[str(s.meta.get(key) or "unknown")].append(s.patient)
+    group = {p: i % k for pats in ctx.values() for i, p in enumerate(sorted(pats))}
+    folds = []
+    for i in range(k):
+        test = tuple(s.sample_id for s in samples if group[s.patient] == i)
+        train = tuple(s.sample_id for s in samples if group[s.patient] != i)
+        if test and train:
+            folds.append(Fold(f"fold{i}", train, test))
+    return folds

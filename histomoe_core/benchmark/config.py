@@ -1,0 +1,86 @@
+"""Benchmark configuration: :class:`BenchmarkConfig`, the named :data:`PROFILES` and :func:`make_config`."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from histomoe_core.benchmark.models import ABLATIONS, MODELS, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TRAIN
+from histomoe_core.errors import HistoMoEError
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    dataset: str
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
+    encoder: str = "efficientnet_lite0"
+    text_encoder: str = "minilm"
+    scheme: str = "lopo"  #: "lopo", "kfold" (patients), "stratified" (patients, every context in every fold)
+    #: or "hest" (HEST-Bench published splits)
+    k: int | None = None  #: folds for "kfold"
+    folds: tuple[str, ...] | None = None  #: run only these fold names
+    n_genes: int = 50
+    min_frac: float = 0.1
+    gene_list: str | None = None  #: a fixed gene list (path, or "hest" for the task's shipped list)
+    targets: tuple[str, ...] = ("log1p", "log1p_norm")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: copy.deepcopy(MODELS))
+    #: train on per-section centred targets (models may opt out with centre=False): right when sections differ
+    #: technically (sequencing depth) as on her2st, wrong when they differ biologically (organs) as on synthetic
+    centre_targets: bool = True
+    context_key: str = "organ"
+    #: "none", or "section": subtract each section's mean embedding from its spots (train and test sections
+    #: alike; uses test images, never test expression), a per-slide batch correction applied to every model
+    embedding_norm: str = "none"
+    train: Mapping[str, Any] = field(default_factory=lambda: dict(TRAIN))
+    patch: Mapping[str, Any] = field(default_factory=dict)  #: PatchSpec fields
+
+    def as_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=list))
+
+
+PROFILES: dict[str, dict] = {
+    "her2st": {"dataset": "her2st", "scheme": "lopo", "encoder": "efficientnet_lite0"},
+    "synthetic": {
+        "dataset": "synthetic", "scheme": "stratified", "k": 3, "encoder": "tiny", "n_genes": 30,
+        "dataset_options": {"n_organs": 6, "patients_per_organ": 3, "spots_per_section": 60, "n_genes": 60},
+        "context_key": "organ", "targets": ("log1p",),
+        # sections differ by organ here (a real, predictable difference), not only by depth: keep their means
+        "centre_targets": False,
+        "train": {**TRAIN, "lr": 3e-3},
+        "models": {
+            "ridge_cv": {"kind": "ridge_cv"},
+            "knn": {"kind": "knn"},
+            "per_context": {"kind": "per_context"},
+            "mlp": {"kind": "mlp", "hidden": 32, "match_experts": 6},
+            "histomoe": dict(SYNTHETIC_HISTOMOE),
+        },
+    },
+    "hest": {"dataset": "hest", "dataset_options": {"task": "IDC"}, "scheme": "hest", "encoder": "efficientnet_lite0"},
+}
+
+
+def make_config(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st", **overrides: Any) -> BenchmarkConfig:
+    """A :class:`BenchmarkConfig` from a profile name (or dict / config) with keyword overrides."""
+    if isinstance(profile, BenchmarkConfig):
+        base = profile.as_dict()
+    elif isinstance(profile, str):
+        if profile not in PROFILES:
+            raise HistoMoEError(f"unknown benchmark profile {profile!r}; profiles: {', '.join(PROFILES)}")
+        base = copy.deepcopy(PROFILES[profile])
+    else:
+        base = dict(profile)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "models" in overrides and isinstance(overrides["models"], (list, tuple)):
+        table = {**MODELS, **ABLATIONS, **SYNTHETIC_ABLATIONS, **base.get("models", {})}
+        unknown = [m for m in overrides["models"] if m not in table]
+        if unknown:
+            raise HistoMoEError(f"unknown models {unknown}; known: {', '.join(table)}")
+        overrides["models"] = {m: table[m] for m in overrides["models"]}
+    d = {**base, **overrides}
+    for key in ("targets", "seeds", "folds"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    return BenchmarkConfig(**d)
+

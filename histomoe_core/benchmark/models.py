@@ -1,0 +1,141 @@
+"""The model table: every benchmarked model as data (``kind`` + options), the ablation tables, and
+:func:`create_model`, the one factory that turns a spec into an estimator."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from histomoe_core.errors import HistoMoEError
+
+
+#: the neural models all share these training settings unless a model overrides them
+TRAIN = {"epochs": 60, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2, "patience": 10}
+
+#: model kinds trained by gradient descent (seeded, with training settings); the others are fit once per fold
+NEURAL_KINDS = ("histomoe", "mlp")
+#: model specs: ``kind`` is a baseline name (``BASELINES``) or ``"histomoe"``; other keys are its options.
+#: ``centre``: train on section-centred targets (None: the benchmark's ``centre_targets``).
+#: ``histomoe`` is the anchored mixture: a frozen ridge expert and three retrieval experts (k = 10, 50, 200)
+#: weighted per spot by an image router that starts uniform; early stopping may keep the untrained start.
+ANCHORED = {"kind": "histomoe", "n_experts": 1, "expert": "linear", "pca_dim": 256, "init": "ridge",
+            "freeze_init": True, "retrieval_k": (10, 50, 200), "router_input": "image"}
+PLAIN = {"kind": "histomoe", "n_experts": 4, "expert": "mlp", "hidden": 128, "pca_dim": 256, "router_input": "image"}
+MODELS: dict[str, dict] = {
+    "ridge_hest": {"kind": "ridge_hest", "centre": False},
+    "ridge_cv": {"kind": "ridge_cv"},
+    "knn": {"kind": "knn"},
+    "knn_k50": {"kind": "knn", "k": 50},
+    "per_context": {"kind": "per_context"},
+    "mlp": {"kind": "mlp", "pca_dim": 256, "hidden": 128, "match_experts": 4, "dropout": 0.1},
+    "moe_soft_mlp": dict(PLAIN),
+    "histomoe": dict(ANCHORED),
+}
+
+#: ablations (book chapter 07): routing input, number of experts, top-k vs soft, and the MoE ideas tried
+ABLATIONS: dict[str, dict] = {
+    # routing input of the anchored MoE (her2st has one organ: the metadata router is a learned constant)
+    "histomoe_route_meta": {**ANCHORED, "router_input": "meta"},
+    "histomoe_route_both": {**ANCHORED, "router_input": "both"},
+    # number of experts and top-k vs soft, plain MoE of MLP experts
+    "moe_mlp_e2": {**PLAIN, "n_experts": 2},
+    "moe_mlp_e8": {**PLAIN, "n_experts": 8, "hidden": 64},
+    "moe_mlp_top1": {**PLAIN, "top_k": 1},
+    "moe_mlp_top2": {**PLAIN, "top_k": 2},
+    "moe_mlp_top1_noisy": {**PLAIN, "top_k": 1, "noisy_gating": True, "balance_weight": 0.1},
+    "histomoe_top1": {**ANCHORED, "top_k": 1},
+    # ideas: regularisation, starting from ridge, a ridge expert with learned corrections, retrieval experts
+    "moe_mlp_dropout": {**PLAIN, "input_dropout": 0.5, "dropout": 0.5},
+    "moe_ridge_linear": {"kind": "histomoe", "n_experts": 4, "expert": "linear", "pca_dim": 256, "init": "ridge",
+                         "router_input": "image", "train": {"lr": 1e-4}},
+    "moe_ridge_shared_mlp": {**PLAIN, "n_experts": 2, "hidden": 64, "shared_expert": True, "init": "ridge",
+                             "freeze_init": True},
+    "histomoe_k50_only": {**ANCHORED, "retrieval_k": (50,)},
+    "histomoe_trainable_ridge": {**ANCHORED, "freeze_init": False, "train": {"lr": 1e-4}},
+    "histomoe_retrieval_by_section": {**ANCHORED, "retrieval_exclude": "sample"},
+    # the same models trained on raw (not section-centred) targets
+    "ridge_cv_raw": {"kind": "ridge_cv", "centre": False},
+    "knn_k50_raw": {"kind": "knn", "k": 50, "centre": False},
+    "moe_soft_mlp_raw": {**PLAIN, "centre": False},
+    "histomoe_raw": {**ANCHORED, "centre": False},
+}
+#: the models every her2st ablation run compares against
+ABLATION_REFERENCES = ("ridge_cv", "knn_k50", "moe_soft_mlp", "histomoe")
+
+#: synthetic routing ablations: routing input, soft vs top-1, the guide loss, fewer experts than organs
+SYNTHETIC_HISTOMOE = {"kind": "histomoe", "n_experts": 6, "expert": "mlp", "hidden": 32, "router_input": "meta",
+                      "top_k": 1, "guide_weight": 0.1}
+SYNTHETIC_ABLATIONS: dict[str, dict] = {
+    "histomoe_route_image": {**SYNTHETIC_HISTOMOE, "router_input": "image"},
+    "histomoe_route_both": {**SYNTHETIC_HISTOMOE, "router_input": "both"},
+    "histomoe_soft": {**SYNTHETIC_HISTOMOE, "top_k": None},
+    "histomoe_no_guide": {**SYNTHETIC_HISTOMOE, "guide_weight": 0.0},
+    "histomoe_e3": {**SYNTHETIC_HISTOMOE, "n_experts": 3},
+}
+SYNTHETIC_REFERENCES = ("per_context", "mlp", "histomoe")
+
+
+#: what each model of the ablation studies tests: name -> (group, description)
+ABLATION_NOTES: dict[str, tuple[str, str]] = {
+    "ridge_cv": ("reference", "ridge, alpha by inner CV"),
+    "knn_k50": ("reference", "retrieval, k = 50"),
+    "per_context": ("reference", "one ridge per organ (told the organ)"),
+    "mlp": ("reference", "single MLP, about the MoE's parameters"),
+    "moe_soft_mlp": ("reference", "plain soft MoE, 4 MLP experts, image router"),
+    "histomoe": ("reference", "HistoMoE as benchmarked"),
+    "histomoe_route_meta": ("routing input", "anchored MoE, router reads the metadata"),
+    "histomoe_route_both": ("routing input", "anchored MoE, router reads image and metadata"),
+    "histomoe_route_image": ("routing input", "router reads the image"),
+    "moe_mlp_e2": ("number of experts", "plain MoE, 2 MLP experts"),
+    "moe_mlp_e8": ("number of experts", "plain MoE, 8 MLP experts (64 hidden)"),
+    "histomoe_e3": ("number of experts", "3 experts for the organs"),
+    "moe_mlp_top1": ("top-k vs soft", "plain MoE, top-1"),
+    "moe_mlp_top2": ("top-k vs soft", "plain MoE, top-2"),
+    "moe_mlp_top1_noisy": ("top-k vs soft", "plain MoE, noisy top-1, balance weight 0.1"),
+    "histomoe_top1": ("top-k vs soft", "anchored MoE, top-1"),
+    "histomoe_soft": ("top-k vs soft", "soft routing"),
+    "histomoe_no_guide": ("guided routing", "no guide loss"),
+    "moe_mlp_dropout": ("MoE ideas", "plain MoE, input and hidden dropout 0.5"),
+    "moe_ridge_linear": ("MoE ideas", "4 linear experts started from the ridge fit, trained"),
+    "moe_ridge_shared_mlp": ("MoE ideas", "frozen shared ridge expert + 2 MLP correction experts"),
+    "histomoe_k50_only": ("MoE ideas", "anchored MoE with one retrieval expert (k = 50)"),
+    "histomoe_trainable_ridge": ("MoE ideas", "anchored MoE, ridge expert trainable"),
+    "histomoe_retrieval_by_section": ("MoE ideas", "anchored MoE, training retrieval skips own section only"),
+    "ridge_cv_raw": ("training targets", "ridge_cv on raw (not section-centred) targets"),
+    "knn_k50_raw": ("training targets", "knn_k50 on raw targets"),
+    "moe_soft_mlp_raw": ("training targets", "plain soft MoE on raw targets"),
+    "histomoe_raw": ("training targets", "HistoMoE on raw targets"),
+}
+
+
+def ablation_references(dataset: str) -> list[str]:
+    """The reference models of a dataset's ablation study (also rerun on section-centred embeddings)."""
+    return list(SYNTHETIC_REFERENCES if dataset == "synthetic" else ABLATION_REFERENCES)
+
+
+def ablation_models(dataset: str) -> list[str]:
+    """Model names of the ablation study for a dataset (synthetic: routing; otherwise: the MoE ideas on real data)."""
+    if dataset == "synthetic":
+        return [*SYNTHETIC_REFERENCES, *SYNTHETIC_ABLATIONS]
+    return [*ABLATION_REFERENCES, *ABLATIONS]
+
+
+
+def create_model(spec: Mapping[str, Any], *, name: str, train: Mapping[str, Any]):
+    """An estimator from a model spec (``kind`` + options); neural models get the shared training settings."""
+    from histomoe_core.baselines import BASELINES
+    from histomoe_core.train import MoERegressor
+
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    spec.pop("centre", None)
+    if kind in NEURAL_KINDS:
+        spec["train"] = {**dict(train), **dict(spec.get("train") or {})}
+    if kind == "histomoe":
+        return MoERegressor(name=name, **spec)
+    if kind not in BASELINES:
+        raise HistoMoEError(f"model {name}: unknown kind {kind!r}; use 'histomoe' or one of {BASELINES.list()}")
+    return BASELINES.get(kind)(name=name, **spec)
+
+
+def is_deterministic(spec: Mapping[str, Any]) -> bool:
+    """True for models fit once per fold (no seed, no training settings)."""
+    return spec["kind"] not in NEURAL_KINDS

@@ -1,0 +1,68 @@
+"""``run_benchmark``: load inputs, plan the fits, fit what is missing, assemble the run folder."""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from histomoe_core import paths
+from histomoe_core.benchmark.config import BenchmarkConfig, make_config
+from histomoe_core.benchmark.inputs import input_digests, load_inputs, request_key, run_key
+from histomoe_core.benchmark.results import BenchmarkRun, assemble, write_index
+from histomoe_core.benchmark.units import fit_pending, plan, thread_limits
+from histomoe_core.errors import HistoMoEError
+
+
+def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st", *, progress: bool = True,
+                  threads: int | None = 1, n_jobs: int | None = None, force: bool = False,
+                  **overrides: Any) -> BenchmarkRun:
+    """Run (or load) a benchmark; see the module docstring for what is written where.
+
+    ``threads`` caps BLAS and torch threads per fit (default 1: these problems are small and CPUs are often
+    shared; None or 0 keeps the libraries' defaults). ``n_jobs`` fits that many units at once in worker
+    processes (None: :func:`resolve_jobs`); results do not depend on it.
+    """
+    cfg = make_config(profile, **overrides)
+    limiter = thread_limits(threads)
+    try:
+        t_start = time.perf_counter()
+        index = paths.runs_dir() / ".index" / f"{request_key(cfg)}.txt"
+        if index.exists() and not force:  # fast path: the same request finished before
+            hit = paths.runs_dir() / index.read_text().strip()
+            if (hit / "summary.md").exists():
+                return BenchmarkRun(hit)
+        samples, folds, img, meta, fixed = load_inputs(cfg, progress=progress)
+        digests = input_digests(samples, img, meta)
+        key = run_key(cfg, digests)
+        final = paths.runs_dir() / f"{cfg.dataset}-{cfg.encoder.replace('/', '_').replace(':', '_')}-{key}"
+        if (final / "summary.md").exists() and not force:
+            write_index(index, final)
+            return BenchmarkRun(final)
+        panels, done, pending = plan(cfg, samples, folds, img, meta, fixed, digests)
+        fit_pending(cfg, pending, n_jobs=resolve_jobs(n_jobs), threads=threads, progress=progress)
+        assemble(cfg, folds, panels, done, final, key, time.perf_counter() - t_start)
+        write_index(index, final)
+        return BenchmarkRun(final)
+    finally:
+        limiter.unregister()
+
+
+def resolve_jobs(n_jobs: int | None) -> int:
+    """Worker processes for fits: ``n_jobs``, else ``$HISTOMOE_JOBS``, else 1 when a GPU is visible (fits run on it
+    one after the other) and the usable CPUs (at most 8) when not."""
+    import os
+
+    import torch
+
+    if n_jobs is None:
+        env = os.environ.get("HISTOMOE_JOBS")
+        if env:
+            n_jobs = int(env)
+        elif torch.cuda.is_available():
+            n_jobs = 1
+        else:
+            n_jobs = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
+    if n_jobs < 1:
+        raise HistoMoEError(f"n_jobs must be >= 1, got {n_jobs}")
+    return int(n_jobs)
+
+
