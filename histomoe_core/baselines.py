@@ -3,8 +3,9 @@
 
 - ``ridge_hest``: HEST-Bench's head: StandardScaler -> PCA(256) -> Ridge(fit_intercept=False, solver="lsqr",
   alpha = 100 / (n_pca_features * n_genes)), all fit on the training fold.
-- ``ridge_cv``: the same features, ridge alpha chosen by patient-grouped inner cross-validation on the HEST
-  metric (pooled Pearson), with an intercept.
+- ``ridge_cv``: the same features, ridge alpha chosen by grouped inner cross-validation on the HEST metric
+  (pooled Pearson), with an intercept; inner folds group by patient, by section when the training fold has fewer
+  than three patients; the alpha grid is widened while the best alpha lies on its edge.
 - ``knn``: BLEEP-style retrieval: mean target of the k most cosine-similar training spots in the
   standardised PCA space, k chosen by inner patient-grouped CV (or fixed).
 - ``per_context``: one ``ridge_cv`` per context label (organ / cancer type); contexts unseen in training fall
@@ -17,13 +18,14 @@ are shared with the MoE estimator, which can start from the ridge solution and u
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from histomoe_core.evaluate import hest_metric, pearson_columns
-from histomoe_core.features import FoldData, group_folds
+from histomoe_core.evaluate import hest_metric
+from histomoe_core.features import FoldData, group_folds, inner_group_by
 from histomoe_core.pca import standard_pca
 from histomoe_core.registry import Registry
 
@@ -77,14 +79,59 @@ def ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], *, interce
     return coefs, intercepts
 
 
-def cv_ridge_alpha(z: np.ndarray, y: np.ndarray, folds, alphas: Sequence[float] = ALPHAS) -> tuple[float, np.ndarray]:
-    """Alpha with the best mean inner-fold HEST metric; also the score of every alpha."""
-    scores = np.zeros(len(alphas))
-    for tr, va in folds:
-        coefs, b = ridge_path(z[tr], y[tr], alphas)
-        for i in range(len(alphas)):
-            scores[i] += hest_metric(y[va], z[va] @ coefs[i] + b[i]) / len(folds)
-    return float(alphas[int(np.argmax(scores))]), scores
+@dataclass(frozen=True)
+class GridSearch:
+    """The outcome of an inner-CV search: the best value, every value tried (in order) with its mean inner-fold
+    HEST metric, and whether the best still lies on the edge of the (widened) grid."""
+
+    best: float
+    grid: tuple
+    scores: np.ndarray
+    at_edge: bool
+
+
+def grid_search(evaluate: Callable[[list], np.ndarray], grid: Sequence, *, widen: Callable[[list, int], list],
+                rounds: int = 3, what: str = "value") -> GridSearch:
+    """Maximise ``evaluate(values) -> scores`` over ``grid``; while the best is on an edge, add the values
+    ``widen(grid, side)`` gives beyond that edge (side -1 low, +1 high), at most ``rounds`` times, then warn."""
+    grid = list(grid)
+    scores = np.asarray(evaluate(grid), dtype=np.float64)
+    for _ in range(rounds + 1):
+        i = int(np.nanargmax(scores))
+        side = -1 if i == 0 else 1 if i == len(grid) - 1 else 0
+        new = widen(grid, side) if side and len(grid) > 1 else []
+        if not new or _ == rounds:
+            break
+        new_scores = np.asarray(evaluate(new), dtype=np.float64)
+        grid, scores = (new + grid, np.r_[new_scores, scores]) if side < 0 else (grid + new, np.r_[scores, new_scores])
+    i = int(np.nanargmax(scores))
+    at_edge = len(grid) > 1 and i in (0, len(grid) - 1)
+    if at_edge:
+        warnings.warn(f"inner CV chose {what} {grid[i]:g}, the edge of the searched grid "
+                      f"[{grid[0]:g}, {grid[-1]:g}]: the optimum may lie beyond it", RuntimeWarning, stacklevel=3)
+    return GridSearch(grid[i], tuple(grid), scores, at_edge)
+
+
+def _widen_log(grid: list, side: int, steps: int = 4) -> list:
+    """Four more log-spaced values beyond one end of ``grid`` (its own ratio at that end)."""
+    if side < 0:
+        r = grid[1] / grid[0]
+        return [grid[0] / r**k for k in range(steps, 0, -1)]
+    r = grid[-1] / grid[-2]
+    return [grid[-1] * r**k for k in range(1, steps + 1)]
+
+
+def cv_ridge_alpha(z: np.ndarray, y: np.ndarray, folds, alphas: Sequence[float] = ALPHAS) -> GridSearch:
+    """Ridge alpha with the best mean inner-fold HEST metric (grid widened while the best is on its edge)."""
+    def evaluate(grid: list) -> np.ndarray:
+        scores = np.zeros(len(grid))
+        for tr, va in folds:
+            coefs, b = ridge_path(z[tr], y[tr], grid)
+            for i in range(len(grid)):
+                scores[i] += hest_metric(y[va], z[va] @ coefs[i] + b[i]) / len(folds)
+        return scores
+
+    return grid_search(evaluate, [float(a) for a in alphas], widen=_widen_log, what="ridge alpha")
 
 
 def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
@@ -99,17 +146,36 @@ def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks:
     return {k: csum[:, min(k, kmax) - 1] / min(k, kmax) for k in ks}
 
 
-def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS) -> tuple[int, np.ndarray]:
-    scores = np.zeros(len(ks))
-    for tr, va in folds:
-        preds = knn_predict(z[tr], y[tr], z[va], ks)
-        for i, k in enumerate(ks):
-            scores[i] += hest_metric(y[va], preds[k]) / len(folds)
-    return int(ks[int(np.argmax(scores))]), scores
+def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS) -> GridSearch:
+    """Neighbour count with the best mean inner-fold HEST metric (larger / smaller k tried while on an edge)."""
+    n_bank = min(len(tr) for tr, _ in folds)
+
+    def evaluate(grid: list) -> np.ndarray:
+        scores = np.zeros(len(grid))
+        for tr, va in folds:
+            preds = knn_predict(z[tr], y[tr], z[va], grid)
+            for i, k in enumerate(grid):
+                scores[i] += hest_metric(y[va], preds[k]) / len(folds)
+        return scores
+
+    def widen(grid: list, side: int) -> list:
+        new = sorted({max(1, grid[0] // 2), max(1, grid[0] - 2)} - set(grid)) if side < 0 else \
+            sorted({min(n_bank, 2 * grid[-1]), min(n_bank, 4 * grid[-1])} - set(grid))
+        return [int(k) for k in new]
+
+    return grid_search(evaluate, [int(k) for k in ks], widen=widen, what="k")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # estimators
+
+
+def _search_info(est) -> dict:
+    """What an estimator's inner-CV search recorded (nothing when its value was fixed)."""
+    search = getattr(est, "search", None)
+    if search is None:
+        return {}
+    return {"inner_cv_groups": est.inner_by, "grid": [float(g) for g in search.grid], "at_edge": search.at_edge}
 
 
 @BASELINES.register("ridge_hest")
@@ -143,7 +209,7 @@ class HESTRidge:
 
 @BASELINES.register("ridge_cv")
 class RidgeCV:
-    """Scaler + PCA + ridge with an intercept; alpha by patient-grouped inner CV on the HEST metric."""
+    """Scaler + PCA + ridge with an intercept; alpha by grouped inner CV (:func:`inner_group_by`) on the HEST metric."""
 
 
     def __init__(self, *, n_components: int | None = 256, alphas: Sequence[float] = ALPHAS, alpha: float | None = None,
@@ -156,7 +222,9 @@ class RidgeCV:
             z = self.prep.fit(data.x).transform(data.x)
         y = data.y.astype(np.float64)
         if self.fixed_alpha is None:
-            self.alpha, self.cv_scores = cv_ridge_alpha(z, y, group_folds(data), self.alphas)
+            self.inner_by = inner_group_by(data)
+            self.search = cv_ridge_alpha(z, y, group_folds(data), self.alphas)
+            self.alpha = float(self.search.best)
         else:
             self.alpha = float(self.fixed_alpha)
         coefs, b = ridge_path(z, y, [self.alpha])
@@ -170,7 +238,7 @@ class RidgeCV:
         return self.predict_z(self.prep.transform(data.x))
 
     def info(self) -> dict:
-        return {"alpha": self.alpha}
+        return {"alpha": self.alpha, **_search_info(self)}
 
 
 @BASELINES.register("knn")
@@ -187,7 +255,9 @@ class KNNRetrieval:
         self.z = self.prep.fit(data.x).transform(data.x)
         self.y = data.y.astype(np.float64)
         if self.fixed_k is None:
-            self.k, self.cv_scores = cv_knn_k(self.z, self.y, group_folds(data), self.ks)
+            self.inner_by = inner_group_by(data)
+            self.search = cv_knn_k(self.z, self.y, group_folds(data), self.ks)
+            self.k = int(self.search.best)
         else:
             self.k = int(self.fixed_k)
         return self
@@ -196,7 +266,7 @@ class KNNRetrieval:
         return knn_predict(self.z, self.y, self.prep.transform(data.x), [self.k])[self.k].astype(np.float32)
 
     def info(self) -> dict:
-        return {"k": self.k}
+        return {"k": self.k, **_search_info(self)}
 
 
 @BASELINES.register("per_context")

@@ -84,7 +84,8 @@ def summarize(results: pd.DataFrame, *, by: Sequence[str] = ("target", "model"),
     """Mean and spreads of each metric per ``by`` group.
 
     ``<m>`` is the mean over folds and seeds; ``<m>_sd_folds`` the sd over folds of the seed-averaged
-    values; ``<m>_sd_seeds`` the sd over seeds of the fold-averaged values. Also ``n_folds``, ``n_seeds``.
+    values; ``<m>_sd_seeds`` the sd over seeds of the fold-averaged values (both ddof = 0, as HEST-Bench).
+    Also ``n_folds``, ``n_seeds``.
     """
     by = list(by)
     out = []
@@ -94,8 +95,8 @@ def summarize(results: pd.DataFrame, *, by: Sequence[str] = ("target", "model"),
             per_fold = g.groupby("fold")[m].mean()
             per_seed = g.groupby("seed")[m].mean()
             row[m] = float(g[m].mean())
-            row[f"{m}_sd_folds"] = float(per_fold.std(ddof=1)) if len(per_fold) > 1 else 0.0
-            row[f"{m}_sd_seeds"] = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+            row[f"{m}_sd_folds"] = float(per_fold.std(ddof=0))  # HEST-Bench reports np.std (ddof = 0)
+            row[f"{m}_sd_seeds"] = float(per_seed.std(ddof=0))
         row["n_folds"] = int(g["fold"].nunique())
         row["n_seeds"] = int(g["seed"].nunique())
         out.append(row)

@@ -104,16 +104,26 @@ def fold_arrays(table: SpotTable, samples: SampleSet, fold: Fold, *, genes: Sequ
     return out[0], out[1]
 
 
+#: inner cross-validation groups by patient only when the training fold has at least this many patients
+MIN_INNER_PATIENTS = 3
+
+
+def inner_group_by(data: FoldData, by: str = "patient") -> str:
+    """What inner folds group by: ``by`` ("patient"), or "sample" (sections) when the training fold has fewer than
+    :data:`MIN_INNER_PATIENTS` patients (two patients give two inner folds, each fitting on one patient alone, too
+    few and too small to choose a hyperparameter: on her2st every alpha scored <= 0 that way)."""
+    if by == "patient" and len(np.unique(data.patient)) < MIN_INNER_PATIENTS:
+        return "sample"
+    return by
+
+
 def inner_split(data: FoldData, *, seed: int = 0, by: str = "patient") -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, val) holding out one group (patient; section if only one patient) for validation.
+    """Boolean masks (train, val) holding out one group (see :func:`inner_group_by`) for validation.
 
     The held-out group is drawn with ``seed`` among the groups, so different seeds validate on different groups.
     """
-    keys = getattr(data, by)
+    keys = getattr(data, inner_group_by(data, by))
     uniq = np.unique(keys)
-    if len(uniq) < 2 and by == "patient":
-        keys = data.sample
-        uniq = np.unique(keys)
     if len(uniq) < 2:
         raise ValueError("an inner validation split needs at least two sections in the training fold")
     held = uniq[np.random.default_rng(seed).integers(len(uniq))]
@@ -122,12 +132,10 @@ def inner_split(data: FoldData, *, seed: int = 0, by: str = "patient") -> tuple[
 
 
 def group_folds(data: FoldData, *, by: str = "patient", max_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Leave-one-group-out (train, val) index pairs over patients (sections if only one patient),
-    merging groups into at most ``max_folds`` folds."""
-    keys = getattr(data, by)
+    """Leave-one-group-out (train, val) index pairs over the groups of :func:`inner_group_by`, merging groups
+    into at most ``max_folds`` folds."""
+    keys = getattr(data, inner_group_by(data, by))
     uniq = np.unique(keys)
-    if len(uniq) < 2 and by == "patient":
-        keys, uniq = data.sample, np.unique(data.sample)
     if len(uniq) < 2:
         raise ValueError("inner cross-validation needs at least two sections in the training fold")
     chunks = np.array_split(uniq, min(max_folds, len(uniq)))

@@ -70,10 +70,10 @@ def test_summarize_means_and_spreads():
                          "pearson": base + d, "pearson_section": base, "mse": 1.0})
     s = summarize(pd.DataFrame(rows)).iloc[0]
     assert s["pearson"] == pytest.approx(0.3)
-    assert s["pearson_sd_folds"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
-    assert s["pearson_sd_seeds"] == pytest.approx(np.std([0.29, 0.31], ddof=1))
+    assert s["pearson_sd_folds"] == pytest.approx(np.std([0.2, 0.4], ddof=0))  # HEST-Bench: ddof = 0
+    assert s["pearson_sd_seeds"] == pytest.approx(np.std([0.29, 0.31], ddof=0))
     assert s["n_folds"] == 2 and s["n_seeds"] == 2
-    assert "0.300 ± 0.141" in markdown_table(summarize(pd.DataFrame(rows)))
+    assert "0.300 ± 0.100" in markdown_table(summarize(pd.DataFrame(rows)))
     assert fold_table(pd.DataFrame(rows)).loc["m", "mean"] == pytest.approx(0.3)
 
 
@@ -130,8 +130,46 @@ def test_ridge_cv_picks_small_alpha_for_clean_signal_and_large_for_noise():
 
 def test_cv_alpha_uses_the_grouped_folds():
     x, y, pat = linear_data(n=90, d=5, g=2, noise=0.5)
-    alpha, scores = cv_ridge_alpha(x, y, group_folds(fold_data(x, y, pat)), [0.1, 1.0, 1e6])
-    assert len(scores) == 3 and alpha in (0.1, 1.0) and scores[2] <= max(scores[:2])
+    res = cv_ridge_alpha(x, y, group_folds(fold_data(x, y, pat)), [0.01, 0.1, 1.0, 1e6])
+    assert res.best in res.grid and len(res.scores) == len(res.grid) >= 4 and res.scores[res.grid.index(1e6)] <= max(res.scores)
+
+
+def _bayes_ridge(sigma: float, n: int = 1500, p: int = 40, g: int = 20, seed: int = 0):
+    """Features with decaying scales, weights ~ N(0, 1), noise sd ``sigma``: the MSE-optimal ridge alpha is
+    sigma^2 (posterior mean of a Gaussian prior), and with anisotropic features Pearson peaks there too."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, p)) / np.arange(1, p + 1) ** 0.7
+    y = z @ rng.normal(size=(p, g)) + sigma * rng.normal(size=(n, g))
+    groups = np.arange(n) % 5
+    return z, y, [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in range(5)]
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 5.0])
+def test_cv_alpha_finds_the_known_optimum(sigma):
+    z, y, folds = _bayes_ridge(sigma)
+    res = cv_ridge_alpha(z, y, folds, np.logspace(-3, 3, 25))
+    assert sigma**2 / 2.5 <= res.best <= sigma**2 * 2.5 and not res.at_edge
+
+
+def test_cv_alpha_widens_a_grid_whose_edge_wins_and_warns_when_it_still_does():
+    z, y, folds = _bayes_ridge(5.0)  # optimum alpha = 25, far above this grid
+    res = cv_ridge_alpha(z, y, folds, np.logspace(-3, -1, 9))
+    assert max(res.grid) > 25 and 25 / 2.5 <= res.best <= 25 * 2.5 and not res.at_edge
+    with pytest.warns(RuntimeWarning, match="edge of the searched grid"):
+        edge = cv_ridge_alpha(z, y, folds, [1e-6, 2e-6])  # three widenings by x2^4 stay far below 25
+    assert edge.at_edge and edge.best == max(edge.grid)
+
+
+def test_inner_cv_groups_by_section_when_the_training_fold_has_two_patients():
+    from histomoe_core.features import inner_group_by
+
+    x, y, _ = linear_data(n=60)
+    two = fold_data(x, y, np.array(["A", "B"])[np.arange(60) % 2], sample=np.array(["A1", "B1", "A2", "B2"])[np.arange(60) % 4])
+    assert inner_group_by(two) == "sample" and len(group_folds(two)) == 4
+    m = RidgeCV(n_components=None).fit(two)
+    assert m.info()["inner_cv_groups"] == "sample" and m.info()["grid"][0] <= m.alpha
+    three = fold_data(x, y, np.array(["A", "B", "C"])[np.arange(60) % 3])
+    assert inner_group_by(three) == "patient" and len(group_folds(three)) == 3
 
 
 def test_knn_predict_averages_the_k_nearest():

@@ -22,6 +22,8 @@ class BenchmarkConfig:
     folds: tuple[str, ...] | None = None  #: run only these fold names
     n_genes: int = 50
     min_frac: float = 0.1
+    #: gene panel rule (:data:`~histomoe_core.data.genes.PANEL_RULES`), run on each fold's training sections
+    panel_rule: str = "hest"
     gene_list: str | None = None  #: a fixed gene list (path, or "hest" for the task's shipped list)
     targets: tuple[str, ...] = ("log1p", "log1p_norm")
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -31,7 +33,8 @@ class BenchmarkConfig:
     centre_targets: bool = True
     context_key: str = "organ"
     #: "none", or "section": subtract each section's mean embedding from its spots (train and test sections
-    #: alike; uses test images, never test expression), a per-slide batch correction applied to every model
+    #: alike), a per-slide batch correction applied to every model. TRANSDUCTIVE: it reads the test sections'
+    #: images (never their expression) before predicting them; kept out of every headline number
     embedding_norm: str = "none"
     train: Mapping[str, Any] = field(default_factory=lambda: dict(TRAIN))
     patch: Mapping[str, Any] = field(default_factory=dict)  #: PatchSpec fields

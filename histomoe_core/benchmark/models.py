@@ -12,26 +12,56 @@ TRAIN = {"epochs": 60, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-2, "pat
 
 #: model kinds trained by gradient descent (seeded, with training settings); the others are fit once per fold
 NEURAL_KINDS = ("histomoe", "mlp")
-#: model specs: ``kind`` is a baseline name (``BASELINES``) or ``"histomoe"``; other keys are its options.
-#: ``centre``: train on section-centred targets (None: the benchmark's ``centre_targets``).
-#: ``histomoe`` is the anchored mixture: a frozen ridge expert and three retrieval experts (k = 10, 50, 200)
-#: weighted per spot by an image router that starts uniform; early stopping may keep the untrained start.
+#: a model made of candidates, one chosen per training fold by inner CV (:func:`select`)
+SELECT = "select"
+#: model specs: ``kind`` is a baseline name (``BASELINES``), ``"histomoe"`` or ``"select"``; other keys are its
+#: options. ``centre``: train on section-centred targets (None: the benchmark's ``centre_targets``).
+#: The anchored mixture: a frozen ridge expert and three retrieval experts (k = 10, 50, 200) weighted per spot by
+#: an image router that starts uniform; early stopping may keep the untrained start.
 ANCHORED = {"kind": "histomoe", "n_experts": 1, "expert": "linear", "pca_dim": 256, "init": "ridge",
             "freeze_init": True, "retrieval_k": (10, 50, 200), "router_input": "image"}
+#: the plain soft MoE: four MLP experts and an image router, trained from scratch
 PLAIN = {"kind": "histomoe", "n_experts": 4, "expert": "mlp", "hidden": 128, "pca_dim": 256, "router_input": "image"}
+MLP = {"kind": "mlp", "pca_dim": 256, "hidden": 128, "match_experts": 4, "dropout": 0.1}
+
+
+def _centring(spec: Mapping[str, Any]) -> dict[str, dict]:
+    """The two training-target variants of a spec: section-centred and raw."""
+    return {"centred": {**spec, "centre": True}, "raw": {**spec, "centre": False}}
+
+
+#: HistoMoE as benchmarked: per training fold, inner CV picks the architecture (anchored or plain), the router's
+#: input (image, or image and metadata) and the training targets (section-centred or raw)
+HISTOMOE_CANDIDATES = {
+    "anchored_centred": {**ANCHORED, "centre": True},
+    "anchored_raw": {**ANCHORED, "centre": False},
+    "anchored_both_centred": {**ANCHORED, "router_input": "both", "centre": True},
+    "plain_centred": {**PLAIN, "centre": True},
+}
+
+
+def select(candidates: Mapping[str, Mapping[str, Any]], *, inner_folds: int = 3) -> dict:
+    """A model that is whichever of ``candidates`` scores best (HEST metric) in the inner CV of each training
+    fold (``inner_folds`` grouped folds, :func:`~histomoe_core.features.group_folds`)."""
+    return {"kind": SELECT, "candidates": {k: dict(v) for k, v in candidates.items()}, "inner_folds": inner_folds}
+
+
+#: the main table: every model that has a setting to choose chooses it inside the training folds
 MODELS: dict[str, dict] = {
-    "ridge_hest": {"kind": "ridge_hest", "centre": False},
-    "ridge_cv": {"kind": "ridge_cv"},
-    "knn": {"kind": "knn"},
-    "knn_k50": {"kind": "knn", "k": 50},
-    "per_context": {"kind": "per_context"},
-    "mlp": {"kind": "mlp", "pca_dim": 256, "hidden": 128, "match_experts": 4, "dropout": 0.1},
-    "moe_soft_mlp": dict(PLAIN),
-    "histomoe": dict(ANCHORED),
+    "ridge_hest": {"kind": "ridge_hest", "centre": False},  # HEST-Bench's recipe as published: nothing tuned
+    "ridge_cv": select(_centring({"kind": "ridge_cv"})),  # alpha by inner CV; centring chosen by inner CV
+    "knn": select(_centring({"kind": "knn"})),  # k by inner CV; centring chosen by inner CV
+    "per_context": select(_centring({"kind": "per_context"})),
+    "mlp": select(_centring(MLP)),
+    "moe_soft_mlp": {**PLAIN, "centre": True},  # one fixed candidate of histomoe, for reference
+    "histomoe": select(HISTOMOE_CANDIDATES),
 }
 
 #: ablations (book chapter 07): routing input, number of experts, top-k vs soft, and the MoE ideas tried
 ABLATIONS: dict[str, dict] = {
+    # the fixed anchored MoE (one of histomoe's candidates)
+    "histomoe_anchored": {**ANCHORED, "centre": True},
+    "knn_k50": {"kind": "knn", "k": 50},
     # routing input of the anchored MoE (her2st has one organ: the metadata router is a learned constant)
     "histomoe_route_meta": {**ANCHORED, "router_input": "meta"},
     "histomoe_route_both": {**ANCHORED, "router_input": "both"},
@@ -58,12 +88,14 @@ ABLATIONS: dict[str, dict] = {
     "histomoe_raw": {**ANCHORED, "centre": False},
 }
 #: the models every her2st ablation run compares against
-ABLATION_REFERENCES = ("ridge_cv", "knn_k50", "moe_soft_mlp", "histomoe")
+ABLATION_REFERENCES = ("ridge_cv", "knn_k50", "moe_soft_mlp", "histomoe_anchored", "histomoe")
 
 #: synthetic routing ablations: routing input, soft vs top-1, the guide loss, fewer experts than organs
 SYNTHETIC_HISTOMOE = {"kind": "histomoe", "n_experts": 6, "expert": "mlp", "hidden": 32, "router_input": "meta",
                       "top_k": 1, "guide_weight": 0.1}
 SYNTHETIC_ABLATIONS: dict[str, dict] = {
+    # the fixed anchored MoE (one of histomoe's candidates)
+    "histomoe_anchored": {**ANCHORED, "centre": True},
     "histomoe_route_image": {**SYNTHETIC_HISTOMOE, "router_input": "image"},
     "histomoe_route_both": {**SYNTHETIC_HISTOMOE, "router_input": "both"},
     "histomoe_soft": {**SYNTHETIC_HISTOMOE, "top_k": None},
@@ -75,12 +107,13 @@ SYNTHETIC_REFERENCES = ("per_context", "mlp", "histomoe")
 
 #: what each model of the ablation studies tests: name -> (group, description)
 ABLATION_NOTES: dict[str, tuple[str, str]] = {
-    "ridge_cv": ("reference", "ridge, alpha by inner CV"),
+    "ridge_cv": ("reference", "ridge, alpha and centring by inner CV"),
     "knn_k50": ("reference", "retrieval, k = 50"),
+    "histomoe_anchored": ("reference", "the anchored MoE, section-centred targets (fixed)"),
     "per_context": ("reference", "one ridge per organ (told the organ)"),
     "mlp": ("reference", "single MLP, about the MoE's parameters"),
     "moe_soft_mlp": ("reference", "plain soft MoE, 4 MLP experts, image router"),
-    "histomoe": ("reference", "HistoMoE as benchmarked"),
+    "histomoe": ("reference", "HistoMoE as benchmarked (variant chosen by inner CV)"),
     "histomoe_route_meta": ("routing input", "anchored MoE, router reads the metadata"),
     "histomoe_route_both": ("routing input", "anchored MoE, router reads image and metadata"),
     "histomoe_route_image": ("routing input", "router reads the image"),
@@ -136,6 +169,13 @@ def create_model(spec: Mapping[str, Any], *, name: str, train: Mapping[str, Any]
     return BASELINES.get(kind)(name=name, **spec)
 
 
+def is_selection(spec: Mapping[str, Any]) -> bool:
+    """True for a ``select`` spec: candidates of which inner CV on each training fold picks one."""
+    return spec["kind"] == SELECT
+
+
 def is_deterministic(spec: Mapping[str, Any]) -> bool:
-    """True for models fit once per fold (no seed, no training settings)."""
+    """True for models fit once per fold (no seed, no training settings); a selection when all its candidates are."""
+    if is_selection(spec):
+        return all(is_deterministic(c) for c in spec["candidates"].values())
     return spec["kind"] not in NEURAL_KINDS

@@ -84,12 +84,31 @@ class BenchmarkRun:
 
 
 
+def selection_table(selections: Mapping[tuple[str, str, str], Path]) -> pd.DataFrame:
+    """One row per (target, fold, model, candidate): the candidate's inner-CV scores and whether it was chosen."""
+    from histomoe_core.benchmark.selection import read_selection
+
+    rows = []
+    for (target, fold, model), path in selections.items():
+        sel = read_selection(path)
+        for cand, mean in sel["mean"].items():
+            rows.append({"target": target, "fold": fold, "model": model, "candidate": cand, "inner_pearson": mean,
+                         "inner_sd": float(np.std(sel["scores"][cand])), "chosen": cand == sel["chosen"],
+                         "inner_cv_groups": sel["inner_cv_groups"], "n_inner_folds": sel["n_inner_folds"]})
+    return pd.DataFrame(rows, columns=["target", "fold", "model", "candidate", "inner_pearson", "inner_sd", "chosen",
+                                       "inner_cv_groups", "n_inner_folds"])
+
+
 def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.DataFrame],
-              units: Mapping[tuple[str, str, str, int], Path], final: Path, key: str, seconds: float) -> None:
+             units: Mapping[tuple[str, str, str, int], Path], final: Path, key: str, seconds: float, *,
+             selections: Mapping[tuple[str, str, str], Path] | None = None, notes: Mapping | None = None) -> None:
     from histomoe_core.evaluate import summarize
 
     rows, genes, sections = [], [], []
+    chosen = selection_table(selections or {})
+    picked = {(r.target, r.fold, r.model): r.candidate for r in chosen[chosen["chosen"]].itertuples()}
     with cache.atomic_dir(final) as tmp:
+        chosen.to_csv(tmp / "selections.csv", index=False)
         for (target, fold_name), panel in panels.items():
             (tmp / "panels" / target).mkdir(parents=True, exist_ok=True)
             panel.to_csv(tmp / "panels" / target / f"{fold_name}.csv")
@@ -102,7 +121,8 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
                         m = json.loads((src / "metrics.json").read_text())
                         ident = {"target": target, "model": name, "fold": fold.name, "seed": seed}
                         info = m.pop("info", {})
-                        rows.append({**ident, **m, "deterministic": det, "info": json.dumps(info, default=float)})
+                        rows.append({**ident, **m, "deterministic": det, "info": json.dumps(info, default=float),
+                                     "selected": picked.get((target, fold.name, name), "")})
                         genes.append(pd.read_csv(src / "per_gene.csv").assign(**ident))
                         sections.append(pd.read_csv(src / "per_section.csv").assign(**ident))
                         pdir = tmp / "predictions" / target / name
@@ -121,23 +141,24 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
         ps[ident_cols + [c for c in ps.columns if c not in ident_cols]].to_csv(tmp / "per_section.csv", index=False)
         summary = summarize(results)
         summary.to_csv(tmp / "summary.csv", index=False)
-        (tmp / "summary.md").write_text(_summary_md(cfg, results, summary, seconds))
+        (tmp / "summary.md").write_text(_summary_md(cfg, results, summary, seconds, chosen))
         (tmp / "config.json").write_text(json.dumps({
             "config": cfg.as_dict(), "key": key, "folds": [f.as_dict() for f in folds], "seconds": seconds,
-            "versions": _versions(), "layout_version": RUN_VERSION,
+            "versions": _versions(), "layout_version": RUN_VERSION, **dict(notes or {}),
         }, indent=2, default=str))
 
 
-def _summary_md(cfg: BenchmarkConfig, results: pd.DataFrame, summary: pd.DataFrame, seconds: float) -> str:
+def _summary_md(cfg: BenchmarkConfig, results: pd.DataFrame, summary: pd.DataFrame, seconds: float,
+                chosen: pd.DataFrame) -> str:
     from histomoe_core.evaluate import fold_table, markdown_table
 
     lines = [f"# Benchmark: {cfg.dataset} / {cfg.encoder}", "",
              f"Folds: {results['fold'].nunique()} ({cfg.scheme}), seeds: {list(cfg.seeds)}, "
-             f"genes per panel: {cfg.n_genes} (chosen on each training fold)" if not cfg.gene_list else
+             f"genes per panel: {cfg.n_genes} ({cfg.panel_rule} rule, chosen on each training fold)" if not cfg.gene_list else
              f"Folds: {results['fold'].nunique()} ({cfg.scheme}), seeds: {list(cfg.seeds)}, fixed gene list {cfg.gene_list}",
              "", "pearson = HEST metric (Pearson per gene over the pooled test spots of a fold, mean over genes); "
              "pearson_section = per test section, mean over sections; values are mean ± sd over folds "
-             "(seed-averaged); the last column is the sd over seeds.", ""]
+             "(seed-averaged; sd with ddof = 0, as HEST-Bench); the last column is the sd over seeds.", ""]
     for target in cfg.targets:
         s = summary[summary["target"] == target].sort_values("pearson", ascending=False)
         lines += [f"## Targets: {target}", "", markdown_table(s), "", "Per fold (HEST metric, mean over seeds):", ""]
@@ -146,6 +167,13 @@ def _summary_md(cfg: BenchmarkConfig, results: pd.DataFrame, summary: pd.DataFra
         lines.append("|---|" + "---|" * len(ft.columns))
         for model, row in ft.iterrows():
             lines.append(f"| {model} | " + " | ".join(f"{v:.3f}" for v in row.to_numpy()) + " |")
+        lines.append("")
+    if len(chosen):
+        picks = chosen[chosen["chosen"]].pivot_table(index=["target", "model"], columns="fold", values="candidate",
+                                                     aggfunc="first")
+        lines += ["## Choices made inside the training folds (inner CV)", "",
+                  "| target | model | " + " | ".join(picks.columns) + " |", "|---|---|" + "---|" * len(picks.columns)]
+        lines += [f"| {t} | {m} | " + " | ".join(map(str, row.to_numpy())) + " |" for (t, m), row in picks.iterrows()]
         lines.append("")
     lines.append(f"Wall time: {seconds:.0f} s.")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from histomoe_core import paths
 from histomoe_core.benchmark.config import BenchmarkConfig, make_config
 from histomoe_core.benchmark.inputs import input_digests, load_inputs, request_key, run_key
 from histomoe_core.benchmark.results import BenchmarkRun, assemble, write_index
-from histomoe_core.benchmark.units import fit_pending, plan, thread_limits
+from histomoe_core.benchmark.units import Plan, fit_pending, thread_limits
 from histomoe_core.errors import HistoMoEError
 
 
@@ -37,13 +37,26 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
         if (final / "summary.md").exists() and not force:
             write_index(index, final)
             return BenchmarkRun(final)
-        panels, done, pending = plan(cfg, samples, folds, img, meta, fixed, digests)
-        fit_pending(cfg, pending, n_jobs=resolve_jobs(n_jobs), threads=threads, progress=progress)
-        assemble(cfg, folds, panels, done, final, key, time.perf_counter() - t_start)
+        work = Plan(cfg, samples, folds, img, meta, fixed, digests)
+        jobs = resolve_jobs(n_jobs)
+        fit_pending(cfg, work.selection_jobs(), n_jobs=jobs, threads=threads, progress=progress, what="selection")
+        done, fits = work.fit_jobs()
+        fit_pending(cfg, fits, n_jobs=jobs, threads=threads, progress=progress)
+        assemble(cfg, folds, work.panels, done, final, key, time.perf_counter() - t_start,
+                 selections=work.selections, notes={"inner_cv_groups": inner_cv_groups(samples, folds)})
         write_index(index, final)
         return BenchmarkRun(final)
     finally:
         limiter.unregister()
+
+
+def inner_cv_groups(samples, folds) -> dict[str, str]:
+    """Per fold, what its inner CV groups by: "patient", or "section" when the training fold has fewer than
+    :data:`~histomoe_core.features.MIN_INNER_PATIENTS` patients."""
+    from histomoe_core.features import MIN_INNER_PATIENTS
+
+    return {f.name: "patient" if len({samples[i].patient for i in f.train}) >= MIN_INNER_PATIENTS else "section"
+            for f in folds}
 
 
 def resolve_jobs(n_jobs: int | None) -> int:

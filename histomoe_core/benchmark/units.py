@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,9 +14,29 @@ import pandas as pd
 from histomoe_core import cache
 from histomoe_core.benchmark.config import BenchmarkConfig
 from histomoe_core.benchmark.inputs import UNIT_MODULES, UNIT_VERSION, normalise_embeddings
-from histomoe_core.benchmark.models import create_model, is_deterministic
+from histomoe_core.benchmark.models import create_model, is_deterministic, is_selection
 from histomoe_core.errors import HistoMoEError
 from histomoe_core.features import centre_sections
+
+
+def fit_model(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, *, seed: int):
+    """``(estimator, centre, fit_seconds)``: the model of ``spec`` fit on ``train`` (section-centred targets when
+    the spec, or else the config, says so)."""
+    est = create_model(spec, name=name, train=cfg.train)
+    centre = spec.get("centre")
+    centre = cfg.centre_targets if centre is None else bool(centre)
+    t0 = time.perf_counter()
+    est.fit(centre_sections(train) if centre else train, seed=seed)
+    return est, centre, time.perf_counter() - t0
+
+
+def predict_model(est, test) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Predictions on ``test`` and, for MoE models, their gates and per-expert predictions."""
+    if hasattr(est, "predict_full"):
+        full = est.predict_full(test)
+        return full["pred"].astype(np.float32), {"gates": full["gates"].astype(np.float32),
+                                                 "expert_preds": full["expert_preds"].astype(np.float32)}
+    return est.predict(test).astype(np.float32), {}
 
 
 def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, test, seed: int, unit: Path) -> None:
@@ -25,19 +45,8 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
 
     from histomoe_core.evaluate import score
 
-    est = create_model(spec, name=name, train=cfg.train)
-    centre = spec.get("centre")
-    centre = cfg.centre_targets if centre is None else bool(centre)
-    t0 = time.perf_counter()
-    est.fit(centre_sections(train) if centre else train, seed=seed)
-    fit_s = time.perf_counter() - t0
-    extra: dict[str, np.ndarray] = {}
-    if hasattr(est, "predict_full"):
-        full = est.predict_full(test)
-        pred = full["pred"].astype(np.float32)
-        extra = {"gates": full["gates"].astype(np.float32), "expert_preds": full["expert_preds"].astype(np.float32)}
-    else:
-        pred = est.predict(test).astype(np.float32)
+    est, centre, fit_s = fit_model(cfg, name, spec, train, seed=seed)
+    pred, extra = predict_model(est, test)
     metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes)
     info = est.info() if hasattr(est, "info") else {}
     with cache.atomic_dir(unit) as tmp:
@@ -53,74 +62,119 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
 
 
 @dataclass
-class Pending:
-    """A fit that is not in the cache yet."""
+class Job:
+    """Work that is not in the cache yet: ``fn(*args)`` writes one artifact folder."""
 
     label: str
-    name: str
-    spec: Mapping[str, Any]
-    data: tuple  #: (train, test) FoldData
-    seed: int
-    unit: Path
+    fn: Callable
+    args: tuple
 
 
-def plan(cfg: BenchmarkConfig, samples, folds, img, meta, fixed, digests: tuple[str, str, str]):
-    """Gene panels per (target, fold), the unit folder of every (target, fold, model, seed), and the fits missing
-    from the cache (fold arrays are cut only for folds with missing fits)."""
-    from histomoe_core.data.genes import select_panel
-    from histomoe_core.features import fold_arrays, spot_table
+class Plan:
+    """Panels, folds' arrays and the artifact folder of every unit of a run.
 
-    table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta, context_key=cfg.context_key)
-    inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, *digests, cfg.embedding_norm)
-    code = cache.code_fingerprint(*UNIT_MODULES)
-    panels: dict[tuple[str, str], pd.DataFrame] = {}
-    done: dict[tuple[str, str, str, int], Path] = {}
-    pending: list[Pending] = []
-    for target in cfg.targets:
-        for fold in folds:
-            if fixed is not None:
-                genes = list(fixed)
-                panel = pd.DataFrame({"rank": np.arange(1, len(genes) + 1)}, index=pd.Index(genes, name="gene"))
-            else:
-                panel = select_panel([samples[i] for i in fold.train], n_genes=cfg.n_genes, min_frac=cfg.min_frac,
-                                     kind=target)
-                genes = panel.index.tolist()
-            panels[(target, fold.name)] = panel
-            data = None
-            for name, spec in cfg.models.items():
-                det = is_deterministic(spec)
-                for seed in cfg.seeds[:1] if det else cfg.seeds:
-                    unit = cache.artifact_dir("benchmark_units", _unit_key(cfg, spec, inputs, code, target, fold,
-                                                                            genes, None if det else seed))
-                    if not (unit / "metrics.json").exists():
-                        if data is None:
-                            data = fold_arrays(table, samples, fold, genes=genes, kind=target)
-                        pending.append(Pending(f"{target} {fold.name} {name} s{seed}", name, spec, data, seed, unit))
-                    for s_ in (cfg.seeds if det else [seed]):
-                        done[(target, fold.name, name, s_)] = unit
-    return panels, done, pending
+    Phase 1 (:meth:`selection_jobs`): the inner-CV selections of ``select`` models. Phase 2 (:meth:`fit_jobs`,
+    after phase 1 is done): one unit per (target, fold, model, seed); a ``select`` model's unit is the unit of the
+    candidate its selection chose, so a choice that is also a model of the table is fit once.
+    """
+
+    def __init__(self, cfg: BenchmarkConfig, samples, folds, img, meta, fixed, digests: tuple[str, str, str]) -> None:
+        from histomoe_core.features import spot_table
+
+        self.cfg, self.samples, self.folds, self.fixed = cfg, samples, folds, fixed
+        self.table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta,
+                                context_key=cfg.context_key)
+        self.inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, *digests,
+                                        cfg.embedding_norm)
+        self.code = cache.code_fingerprint(*UNIT_MODULES)
+        self.panels = {(t, f.name): self._panel(f, t) for t in cfg.targets for f in folds}
+        self._data: dict[tuple[str, str], tuple] = {}
+        self.selections: dict[tuple[str, str, str], Path] = {}
+
+    def _panel(self, fold, target: str) -> pd.DataFrame:
+        from histomoe_core.data.genes import select_panel
+
+        if self.fixed is not None:
+            genes = list(self.fixed)
+            return pd.DataFrame({"rank": np.arange(1, len(genes) + 1)}, index=pd.Index(genes, name="gene"))
+        return select_panel([self.samples[i] for i in fold.train], n_genes=self.cfg.n_genes,
+                            min_frac=self.cfg.min_frac, rule=self.cfg.panel_rule, kind=target)
+
+    def data(self, target: str, fold) -> tuple:
+        """(train, test) FoldData of a fold on its panel (cut once, only when a job needs it)."""
+        from histomoe_core.features import fold_arrays
+
+        if (target, fold.name) not in self._data:
+            genes = self.panels[(target, fold.name)].index.tolist()
+            self._data[(target, fold.name)] = fold_arrays(self.table, self.samples, fold, genes=genes, kind=target)
+        return self._data[(target, fold.name)]
+
+    def _cells(self):
+        for target in self.cfg.targets:
+            for fold in self.folds:
+                for name, spec in self.cfg.models.items():
+                    yield target, fold, name, spec, self.panels[(target, fold.name)].index.tolist()
+
+    def selection_jobs(self) -> list[Job]:
+        from histomoe_core.benchmark.selection import select_unit, selection_key
+
+        jobs = []
+        for target, fold, name, spec, genes in self._cells():
+            if not is_selection(spec):
+                continue
+            out = cache.artifact_dir("benchmark_selections", selection_key(
+                self.cfg, spec, self.inputs, self.code, target, fold, genes))
+            self.selections[(target, fold.name, name)] = out
+            if not (out / "selection.json").exists():
+                jobs.append(Job(f"{target} {fold.name} {name} inner CV", select_unit,
+                                (self.cfg, name, spec, self.data(target, fold)[0], out)))
+        return jobs
+
+    def fit_jobs(self) -> tuple[dict[tuple[str, str, str, int], Path], list[Job]]:
+        """The unit folder of every (target, fold, model, seed) and the fits missing from the cache."""
+        from histomoe_core.benchmark.selection import read_selection
+
+        done: dict[tuple[str, str, str, int], Path] = {}
+        jobs: list[Job] = []
+        planned: set[Path] = set()
+        for target, fold, name, spec, genes in self._cells():
+            selected = None
+            if is_selection(spec):
+                selected = read_selection(self.selections[(target, fold.name, name)])
+                spec = selected["spec"]
+            det = is_deterministic(spec)
+            for seed in self.cfg.seeds[:1] if det else self.cfg.seeds:
+                unit = cache.artifact_dir("benchmark_units", unit_key(self.cfg, spec, self.inputs, self.code, target,
+                                                                      fold, genes, None if det else seed))
+                if not (unit / "metrics.json").exists() and unit not in planned:
+                    planned.add(unit)
+                    train, test = self.data(target, fold)
+                    jobs.append(Job(f"{target} {fold.name} {name} s{seed}", fit_unit,
+                                    (self.cfg, name, spec, train, test, seed, unit)))
+                for s_ in (self.cfg.seeds if det else [seed]):
+                    done[(target, fold.name, name, s_)] = unit
+        return done, jobs
 
 
-def fit_pending(cfg: BenchmarkConfig, pending: Sequence[Pending], *, n_jobs: int, threads: int | None,
-                 progress: bool) -> None:
-    """Fit the missing units, in this process or in ``n_jobs`` spawned workers (each limited to ``threads``)."""
+def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threads: int | None,
+                progress: bool, what: str = "fit") -> None:
+    """Run the jobs, in this process or in ``n_jobs`` spawned workers (each limited to ``threads``)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pending), desc=f"benchmark {cfg.dataset}", disable=not progress or not pending, unit="fit")
+    bar = tqdm(total=len(jobs), desc=f"benchmark {cfg.dataset}", disable=not progress or not jobs, unit=what)
     try:
-        if n_jobs <= 1 or len(pending) <= 1:
-            for p in pending:
-                bar.set_postfix_str(p.label)
-                fit_unit(cfg, p.name, p.spec, p.data[0], p.data[1], p.seed, p.unit)
+        if n_jobs <= 1 or len(jobs) <= 1:
+            for j in jobs:
+                bar.set_postfix_str(j.label)
+                j.fn(*j.args)
                 bar.update()
             return
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(pending)), mp_context=mp.get_context("spawn"),
+        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=mp.get_context("spawn"),
                                  initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = {pool.submit(fit_unit, cfg, p.name, p.spec, p.data[0], p.data[1], p.seed, p.unit): p
-                       for p in pending}
+            futures = {pool.submit(j.fn, *j.args): j for j in jobs}
             for f in as_completed(futures):
                 if f.exception() is not None:
                     pool.shutdown(wait=True, cancel_futures=True)  # let running fits finish
@@ -140,7 +194,7 @@ def _worker_init(threads: int | None) -> None:
     _WORKER_LIMITS.append(thread_limits(threads))
 
 
-def _unit_key(cfg: BenchmarkConfig, spec: Mapping[str, Any], inputs: str, code: str, target: str, fold, genes,
+def unit_key(cfg: BenchmarkConfig, spec: Mapping[str, Any], inputs: str, code: str, target: str, fold, genes,
               seed: int | None) -> str:
     """Key of one fit: inputs, fold, panel, target kind, model spec (+ training settings and seed for neural
     models), target centring, and the source of the modules a fit runs."""

@@ -26,9 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", nargs="+", default=None, help="only these folds (e.g. test_B)")
     p.add_argument("--n-genes", type=int, default=None)
     p.add_argument("--gene-list", default=None, help="fixed gene list file, or 'hest' for the task's shipped list")
+    p.add_argument("--panel-rule", choices=["hest", "variance"], default=None,
+                   help="gene panel rule on each fold's training sections (default hest: scanpy seurat HVG)")
     p.add_argument("--no-centre", action="store_true", help="train on raw targets instead of section-centred ones")
     p.add_argument("--embedding-norm", choices=["none", "section"], default=None,
-                   help="centre embeddings per section (every model alike)")
+                   help="centre embeddings per section (every model alike); transductive: reads the test images")
     p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 07)")
     p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
     p.add_argument("--jobs", type=int, default=None,
@@ -44,7 +46,7 @@ def run(args) -> int:
     overrides = {
         "encoder": args.encoder, "text_encoder": args.text_encoder, "models": args.models, "seeds": args.seeds,
         "targets": args.targets, "folds": args.folds, "n_genes": args.n_genes, "gene_list": args.gene_list,
-        "embedding_norm": args.embedding_norm,
+        "embedding_norm": args.embedding_norm, "panel_rule": args.panel_rule,
     }
     if args.ablations:
         overrides["models"] = args.models or ablation_models(args.dataset)
