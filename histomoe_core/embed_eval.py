@@ -188,13 +188,13 @@ def section_mixing(adata: ad.AnnData, *, key: str = "section", n_neighbors: int 
 
 # ------------------------------------------------------------------------------------------------ downstream
 def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: int = 50, min_frac: float = 0.1,
-                     kinds: Sequence[str] = ("log1p_norm", "log1p"), scheme: str = "lopo", head: str = "ridge_cv",
+                     panel_rule: str = "hest", kinds: Sequence[str] = ("log1p_norm", "log1p"), scheme: str = "lopo", head: str = "ridge_cv",
                      spec: PatchSpec = PatchSpec(), batch_size: int = 64, device: str | None = None,
                      seed: int = 0, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every encoder's (cached) embeddings through the same head on patient-grouped folds.
 
-    Per fold, the gene panel is chosen on the training sections only (:func:`select_panel`, ranked by the
-    variance of the target kind), the head is fit on the training spots and scored on the test patient.
+    Per fold, the gene panel is chosen on the training sections only (:func:`select_panel` with ``panel_rule``),
+    the head is fit on the training spots (raw targets: no section centring) and scored on the test patient.
     Returns ``(results, per_gene)``: one row per encoder x target kind x fold (HEST ``pearson``,
     ``pearson_section``, ``mse``), and per gene the pooled Pearson r.
     """
@@ -216,7 +216,8 @@ def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: in
         pretrained = stats.pretrained
         for kind in kinds:
             for fold in folds:
-                panel = select_panel([samples[i] for i in fold.train], n_genes=n_genes, min_frac=min_frac, kind=kind)
+                panel = select_panel([samples[i] for i in fold.train], n_genes=n_genes, min_frac=min_frac,
+                                     rule=panel_rule, kind=kind)
                 genes = list(panel.index)
                 train, test = fold_arrays(table, samples, fold, genes=genes, kind=kind)
                 pred = create_baseline(head).fit(train, seed=seed).predict(test)
@@ -227,9 +228,9 @@ def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: in
 
 
 def comparison_summary(results: pd.DataFrame, *, metric: str = "pearson") -> pd.DataFrame:
-    """Mean and sd over folds of ``metric`` per target kind (rows) and encoder (columns)."""
+    """Mean and sd over folds (ddof = 0, as HEST-Bench) of ``metric`` per target kind and encoder."""
     g = results.groupby(["target", "encoder"], sort=False)[metric]
-    out = pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1), "folds": g.size()})
+    out = pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=0), "folds": g.size()})
     return out
 
 
@@ -256,7 +257,7 @@ def reference_vs_others(results: pd.DataFrame, reference: str, *, metric: str = 
             raise ValueError(f"results need the reference encoder {reference!r} and at least one other")
         best = wide[others].mean().idxmax()
         gap = float(wide[reference].mean() - wide[best].mean())
-        sd = float(wide[reference].std(ddof=1))
+        sd = float(wide[reference].std(ddof=0))
         rows[kind] = {"reference": reference, "reference_mean": float(wide[reference].mean()), "best_other": best,
                       "other_mean": float(wide[best].mean()), "gap": gap, "sd_over_patients": sd,
                       "gap_vs_spread": "smaller" if abs(gap) < sd else "larger",

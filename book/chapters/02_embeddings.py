@@ -156,8 +156,12 @@ embed_eval.metadata_table(texts, meta)
 # ## How much does the encoder matter here?
 #
 # The same head, a ridge regression on the standardised, PCA-reduced embeddings with its penalty chosen by
-# patient-grouped inner cross-validation, is trained on the embeddings of each encoder, on leave-one-patient-out
-# folds. The {glue:text}`n_genes_used` genes of each fold's panel are chosen on its training patients only. The
+# grouped inner cross-validation (by section when, as here, a training fold has only two patients), is trained on
+# the embeddings of each encoder, on leave-one-patient-out folds, on raw (not section-centred) targets. The
+# {glue:text}`n_genes_used` genes of each fold's panel are chosen on its training patients only, by HEST-Bench's
+# rule (highly variable genes, scanpy's `seurat` flavour, chapter {doc}`04_benchmark`). This is a fixed probe of
+# the encoder, not the benchmark: chapter {doc}`04_benchmark`'s `ridge_cv` also lets inner cross-validation choose
+# whether to train on section-centred targets, so its numbers differ from these. The
 # score is HEST-Bench's: the Pearson correlation between predicted and measured expression per gene over all
 # spots of the test patient, averaged over genes. Two targets: `log1p_norm` (library-size-normalised, what a
 # spot expresses relative to its other genes) and HEST's `log1p` of raw counts (which also rewards predicting how

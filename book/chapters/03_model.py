@@ -49,6 +49,8 @@ from myst_nb import glue
 from sklearn.metrics import normalized_mutual_info_score
 
 from histomoe_core import tl
+from histomoe_core.benchmark import PROFILES, make_config
+from histomoe_core.benchmark.models import candidate_table
 from histomoe_core.moe import HistoMoE, MoEConfig, count_parameters
 
 torch.manual_seed(seed)
@@ -174,3 +176,15 @@ pd.Series({k: v for k, v in trained.cfg.as_dict().items() if v not in (None, 0, 
 # The model has {glue:text}`syn_n_params` trainable parameters. The same module runs end to end with a vision
 # encoder in front (`HistoMoEEndToEnd(encoder, moe)`), which is how {doc}`06_attributions` computes
 # attributions back to the pixels and how a GPU user would fine-tune the encoder together with the experts.
+
+# %% [markdown]
+# ## The model benchmarked on real data
+#
+# The model trained above is the synthetic profile's. On {glue:text}`bench_dataset`, `histomoe` is not one fixed
+# architecture: in each training fold, inner cross-validation picks one of these variants (chapter
+# {doc}`04_benchmark` lists what each fold chose):
+
+# %%
+bench = make_config(dataset if dataset in PROFILES else "her2st")
+glue("bench_dataset", bench.dataset, display=False)
+candidate_table(bench.models["histomoe"])

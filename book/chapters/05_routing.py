@@ -57,6 +57,7 @@ import scanpy as sc
 from myst_nb import glue
 
 from histomoe_core import pl, tl
+from histomoe_core.benchmark import describe_model
 
 run = tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
                   n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False, run_name=run_name,
@@ -115,10 +116,10 @@ fig = pl.routing.expert_map(ref, ref_section, labels="cell_type")
 #
 # ## her2st: does the router find tissue structure?
 #
-# On her2st every section has the same metadata (HER2-positive breast cancer), so the metadata cannot route; the
-# benchmark's HistoMoE routes on the **image embedding** alone among {glue:text}`n_experts` experts
-# ({glue:text}`experts`): a ridge expert, fixed at the ridge solution of the training spots, and retrieval experts
-# that average the expression of the k most similar training spots (k = {glue:text}`retrieval_ks`).
+# On her2st every section has the same metadata (HER2-positive breast cancer), so the metadata cannot tell spots
+# apart: whatever the router reads, it separates spots by their image. The benchmark's HistoMoE is, in each fold,
+# the variant its inner cross-validation chose (chapter {doc}`04_benchmark`); in this fold that is
+# **{glue:text}`variant`** ({glue:text}`variant_desc`), with {glue:text}`n_experts` experts ({glue:text}`experts`).
 # The model opened here is the one trained without the patient of section {glue:text}`shown`
 # (fold {glue:text}`fold`), applied to all {glue:text}`n_sections` sections; in its training sections it routes spots it has seen,
 # in the held-out sections spots it has not. The recomputed held-out predictions match the run's stored ones up
@@ -138,7 +139,9 @@ glue("fold", fold, display=False)
 glue("max_diff", float(adata.uns["histomoe"]["params"]["max_abs_diff_vs_run"]), display=False)
 glue("n_experts", len(experts), display=False)
 glue("experts", ", ".join(experts), display=False)
-glue("retrieval_ks", ", ".join(map(str, run.config["config"]["models"][model].get("retrieval_k") or [])), display=False)
+chosen = run.chosen(model, target=target)
+glue("variant", str(chosen.get(fold, model)), display=False)
+glue("variant_desc", describe_model(run.model_spec(model, fold, target=target)), display=False)
 glue("n_sections", len(samples), display=False)
 adata
 

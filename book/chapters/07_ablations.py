@@ -13,6 +13,14 @@
 # %% [markdown]
 # # Ablations: what each piece of the MoE is worth
 #
+# ```{admonition} Exploratory
+# :class: warning
+# The variants below were designed and compared after the test folds of {doc}`04_benchmark` had been seen, and
+# they are scored on those same folds, so their differences are not unbiased estimates. Nothing here feeds the
+# headline: there, `histomoe` and every baseline make their choices by inner cross-validation inside each
+# training fold.
+# ```
+#
 # This chapter changes one thing at a time and reruns the benchmark of {doc}`04_benchmark` (same folds, panels,
 # embeddings and seeds; fits shared with that chapter are reused from the cache):
 #
@@ -22,7 +30,8 @@
 #   frozen ridge expert with learned corrections, retrieval as an expert, and how the retrieval expert is kept
 #   honest during training;
 # - **training targets**: section-centred or raw;
-# - **embeddings**: as the encoder gives them, or centred per section (a per-slide batch correction).
+# - **embeddings**: as the encoder gives them, or centred per section (a per-slide batch correction that is
+#   *transductive*: it reads the test sections' images, never their expression, before predicting them).
 #
 # On the synthetic profile the same chapter ablates the routing of the organ-specific model instead (routing
 # input, soft vs top-1, the guide loss, fewer experts than organs).
@@ -149,7 +158,7 @@ groups.agg(["min", "max", "count"]).round(3)
 # seeing these test-fold numbers would be model selection on the test folds.
 
 # %% [markdown]
-# ## Section-centred embeddings
+# ## Section-centred embeddings (transductive)
 #
 # Sections differ in stain, scanner and (for her2st patient A) resolution, and the encoder's embeddings carry
 # those differences. Subtracting each section's mean embedding from its spots removes them; it uses the test

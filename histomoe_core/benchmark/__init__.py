@@ -5,6 +5,11 @@
 training sections only (:func:`~histomoe_core.data.genes.select_panel`; or a fixed list), the model is fit on the
 training spots (neural models once per seed, deterministic ones once) and scored on the test spots.
 
+Protocol: gene panels by HEST-Bench's rule on each fold's training sections (``panel_rule``), every choice a
+model makes (hyperparameters, target centring, HistoMoE's variant) made by inner CV inside the training folds
+(:mod:`~histomoe_core.benchmark.selection`), paired comparisons with bootstrap intervals
+(:mod:`~histomoe_core.benchmark.compare`).
+
 Profiles (:data:`PROFILES`): ``her2st`` (leave-one-patient-out), ``synthetic`` (patient k-fold on the synthetic
 multi-organ data), ``hest`` (a HEST-Bench task with its published patient splits; needs the downloaded data).
 
@@ -39,7 +44,8 @@ from histomoe_core.benchmark.config import PROFILES, BenchmarkConfig, make_confi
 from histomoe_core.benchmark.inputs import dataset_digest, load_inputs, normalise_embeddings, request_key, run_key
 from histomoe_core.benchmark.models import (ABLATION_NOTES, ABLATION_REFERENCES, ABLATIONS, ANCHORED, MODELS,
                                             NEURAL_KINDS, PLAIN, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TRAIN,
-                                            ablation_models, ablation_references, create_model, is_deterministic)
+                                            ablation_models, ablation_references, create_model, describe_model,
+                                            is_deterministic, is_selection, select)
 from histomoe_core.benchmark.results import BenchmarkRun, find_runs
 from histomoe_core.benchmark.runner import resolve_jobs, run_benchmark
 from histomoe_core.data.splits import stratified_folds
@@ -48,7 +54,7 @@ from histomoe_core.features import centre_sections
 __all__ = [
     "ABLATIONS", "ABLATION_NOTES", "ABLATION_REFERENCES", "ANCHORED", "BenchmarkConfig", "BenchmarkRun", "MODELS",
     "NEURAL_KINDS", "PLAIN", "PROFILES", "SYNTHETIC_ABLATIONS", "SYNTHETIC_HISTOMOE", "TRAIN", "ablation_models",
-    "ablation_references", "centre_sections", "create_model", "dataset_digest", "find_runs", "is_deterministic",
-    "load_inputs", "make_config", "normalise_embeddings", "request_key", "resolve_jobs", "run_benchmark", "run_key",
-    "stratified_folds",
+    "ablation_references", "centre_sections", "create_model", "dataset_digest", "describe_model", "find_runs",
+    "is_deterministic", "is_selection", "load_inputs", "make_config", "normalise_embeddings", "request_key", "resolve_jobs", "run_benchmark", "run_key",
+    "select", "stratified_folds",
 ]

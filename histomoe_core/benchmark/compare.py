@@ -103,3 +103,15 @@ def compare_to(run: BenchmarkRun, model: str, references: Sequence[str], *, targ
                      "sections_won": f"{int((s['diff'] > 0).sum())}/{len(s)}",
                      "section_diff": float(s["diff"].mean())})
     return pd.DataFrame(rows).set_index("reference")
+
+
+def panel_depth(run: BenchmarkRun, samples, *, target: str) -> pd.DataFrame:
+    """Per fold, on the test sections: how much the fold's panel follows spot depth (median over genes of the
+    Pearson r between a gene's log1p counts and the spot's log1p total counts) and the genes' median detection."""
+    from histomoe_core.data.genes import panel_stats
+
+    rows = {}
+    for f in run.config["folds"]:
+        st = panel_stats([samples[i] for i in f["test"]], run.panel(target, f["name"]).index)
+        rows[f["name"]] = {"depth_r": float(st["depth_r"].median()), "detected": float(st["detected"].median())}
+    return pd.DataFrame(rows).T

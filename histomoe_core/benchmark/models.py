@@ -2,9 +2,12 @@
 :func:`create_model`, the one factory that turns a spec into an estimator."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from histomoe_core.errors import HistoMoEError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 #: the neural models all share these training settings unless a model overrides them
@@ -179,3 +182,32 @@ def is_deterministic(spec: Mapping[str, Any]) -> bool:
     if is_selection(spec):
         return all(is_deterministic(c) for c in spec["candidates"].values())
     return spec["kind"] not in NEURAL_KINDS
+
+
+def describe_model(spec: Mapping[str, Any]) -> str:
+    """One line in words for a model spec (as the book prints it)."""
+    kind = spec["kind"]
+    if kind == SELECT:
+        return "the inner-CV choice among " + ", ".join(spec["candidates"])
+    targets = {True: "section-centred targets", False: "raw targets", None: "the benchmark's default targets"}
+    tail = targets[spec.get("centre")]
+    if kind != "histomoe":
+        return f"{kind}, {tail}"
+    router = {"image": "the image", "meta": "the metadata", "both": "the image and the metadata"}[
+        spec.get("router_input", "image")]
+    if spec.get("retrieval_k"):
+        ks = ", ".join(map(str, spec["retrieval_k"]))
+        body = f"a frozen ridge expert and retrieval experts (k = {ks}) mixed by a router reading {router}"
+    else:
+        body = (f"{spec.get('n_experts', 4)} {spec.get('expert', 'mlp')} experts mixed by a router reading {router}"
+                + (", top-" + str(spec["top_k"]) if spec.get("top_k") else ", soft routing"))
+    return f"{body}; {tail}"
+
+
+def candidate_table(spec: Mapping[str, Any]) -> "pd.DataFrame":
+    """One row per candidate of a ``select`` spec (or the spec itself) with its description."""
+    import pandas as pd
+
+    cands = spec["candidates"] if spec["kind"] == SELECT else {spec["kind"]: spec}
+    return pd.DataFrame({"variant": list(cands), "what it is": [describe_model(c) for c in cands.values()]}
+                        ).set_index("variant")

@@ -52,6 +52,54 @@ class BenchmarkRun:
     def per_section(self) -> pd.DataFrame:
         return self._read("per_section.csv")
 
+    @property
+    def selections(self) -> pd.DataFrame:
+        """Inner-CV choices of the ``select`` models: target, fold, model, candidate, inner_pearson, chosen, ..."""
+        path = self.path / "selections.csv"
+        return self._read("selections.csv") if path.exists() else selection_table({})
+
+    def chosen(self, model: str, *, target: str | None = None) -> pd.Series:
+        """The candidate ``model`` chose in each fold (empty for a fixed model)."""
+        target = target or self.config["config"]["targets"][0]
+        sel = self.selections
+        sel = sel[(sel["model"] == model) & (sel["target"] == target) & sel["chosen"]]
+        return sel.set_index("fold")["candidate"]
+
+    def model_spec(self, model: str, fold: str, *, target: str | None = None) -> dict:
+        """The spec ``model`` was fit with on ``fold`` (a ``select`` model's chosen candidate)."""
+        spec = self.config["config"]["models"][model]
+        chosen = self.chosen(model, target=target)
+        return dict(spec["candidates"][chosen[fold]]) if fold in chosen.index else dict(spec)
+
+    def choices(self, *, target: str | None = None, params: Mapping[str, str] | None = None) -> pd.DataFrame:
+        """Models x folds: the candidate each ``select`` model chose, plus rows ``"<model>: <key>"`` for the
+        fitted values in ``params`` (default: ridge_cv's alpha and knn's k, where those models ran)."""
+        target = target or self.config["config"]["targets"][0]
+        sel = self.selections
+        sel = sel[(sel["target"] == target) & sel["chosen"]]
+        folds = [f["name"] for f in self.config["folds"]]
+        rows = {m: g.set_index("fold")["candidate"] for m, g in sel.groupby("model", sort=False)}
+        ran = set(self.results["model"])
+        for model, key in (params or {"ridge_cv": "alpha", "knn": "k"}).items():
+            if model in ran:
+                rows[f"{model}: {key}"] = self.fit_info(model, key, target=target).map(
+                    lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v))
+        return pd.DataFrame(rows, index=folds).T
+
+    def candidate_scores(self, model: str, *, target: str | None = None) -> pd.DataFrame:
+        """Candidates x folds: each candidate's mean inner-CV HEST metric for a ``select`` model."""
+        target = target or self.config["config"]["targets"][0]
+        sel = self.selections
+        sel = sel[(sel["target"] == target) & (sel["model"] == model)]
+        return sel.pivot(index="candidate", columns="fold", values="inner_pearson") if len(sel) else pd.DataFrame()
+
+    def fit_info(self, model: str, key: str, *, target: str | None = None) -> pd.Series:
+        """Per fold, one field of the fit's ``info`` (e.g. ``alpha`` of ridge_cv, ``k`` of knn); seed 0."""
+        target = target or self.config["config"]["targets"][0]
+        r = self.results
+        r = r[(r["model"] == model) & (r["target"] == target) & (r["seed"] == r["seed"].min())]
+        return pd.Series({f: json.loads(i).get(key) for f, i in zip(r["fold"], r["info"])}, name=key)
+
     def summary_markdown(self) -> str:
         return (self.path / "summary.md").read_text()
 

@@ -172,13 +172,15 @@ def example_patches(
 
 
 def gene_panel(panel: pd.DataFrame, *, top: int | None = None) -> plt.Figure:
-    """Bars of the panel genes' target variance, coloured by the lowest expressed fraction over sections."""
+    """Bars of the panel genes' selection score (HEST rule: normalised dispersion; variance rule: target variance),
+    coloured by the lowest expressed fraction over sections."""
     p = panel if top is None else panel.iloc[:top]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(p)), 3.4))
     colours = plt.get_cmap("viridis")(p["min_expressed_frac"].to_numpy())
-    ax.bar(range(len(p)), p["variance"].to_numpy(), color=colours)
+    ax.bar(range(len(p)), p["score"].to_numpy(), color=colours)
     ax.set_xticks(range(len(p)), p.index, rotation=90, fontsize=7)
-    ax.set_ylabel("variance of target")
+    rule = str(p["rule"].iloc[0]) if "rule" in p else "hest"
+    ax.set_ylabel("normalised dispersion" if rule == "hest" else "variance of target")
     ax.set_xlim(-0.7, len(p) - 0.3)
     sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=ax, fraction=0.03, pad=0.01, label="min fraction of spots\nexpressing (over sections)")
