@@ -79,6 +79,10 @@ def ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], *, interce
     return coefs, intercepts
 
 
+class GridEdgeWarning(RuntimeWarning):
+    """Inner CV chose a value on the edge of its (widened) grid."""
+
+
 @dataclass(frozen=True)
 class GridSearch:
     """The outcome of an inner-CV search: the best value, every value tried (in order) with its mean inner-fold
@@ -108,7 +112,7 @@ def grid_search(evaluate: Callable[[list], np.ndarray], grid: Sequence, *, widen
     at_edge = len(grid) > 1 and i in (0, len(grid) - 1)
     if at_edge:
         warnings.warn(f"inner CV chose {what} {grid[i]:g}, the edge of the searched grid "
-                      f"[{grid[0]:g}, {grid[-1]:g}]: the optimum may lie beyond it", RuntimeWarning, stacklevel=3)
+                      f"[{grid[0]:g}, {grid[-1]:g}]: the optimum may lie beyond it", GridEdgeWarning, stacklevel=3)
     return GridSearch(grid[i], tuple(grid), scores, at_edge)
 
 

@@ -19,14 +19,19 @@ import pandas as pd
 METRICS = ("pearson", "pearson_section", "mse")
 
 
-def pearson_columns(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Pearson r of each column of ``y`` with the same column of ``p``; NaN where either is constant."""
+def pearson_columns(y: np.ndarray, p: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Pearson r of each column of ``y`` with the same column of ``p`` over the rows where ``mask`` (spots x genes,
+    True = measured) holds; NaN where either is constant or fewer than two rows are measured."""
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 2:
         raise ValueError(f"targets {y.shape} and predictions {p.shape} must be equal 2-D shapes (spots, genes)")
-    yc = y - y.mean(0)
-    pc = p - p.mean(0)
+    if mask is None:
+        yc, pc = y - y.mean(0), p - p.mean(0)
+    else:
+        w = np.asarray(mask, dtype=np.float64)
+        n = np.maximum(w.sum(0), 1.0)
+        yc, pc = (y - (w * y).sum(0) / n) * w, (p - (w * p).sum(0) / n) * w
     den = np.sqrt((yc**2).sum(0) * (pc**2).sum(0))
     num = (yc * pc).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -37,10 +42,22 @@ def pearson_columns(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def hest_metric(y: np.ndarray, p: np.ndarray) -> float:
-    """HEST-Bench's score: Pearson r per gene over all spots, mean over genes (-1 when no gene is defined)."""
-    r = pearson_columns(y, p)
+def hest_metric(y: np.ndarray, p: np.ndarray, mask: np.ndarray | None = None,
+                context: np.ndarray | None = None) -> float:
+    """HEST-Bench's score: Pearson r per gene over all spots, mean over genes (-1 when no gene is defined).
+
+    With ``mask`` only measured entries count (genes never measured are left out); with ``context`` (a label
+    per spot) the score is the macro mean over contexts of each context's own HEST metric, so a gene shared by
+    two tissues is never correlated across them."""
+    if context is not None and len(np.unique(context)) > 1:
+        parts = [hest_metric(y[c], p[c], None if mask is None else mask[c]) for c in _context_rows(context)]
+        return float(np.mean(parts))
+    r = pearson_columns(y, p, mask)
     return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
+
+
+def _context_rows(context: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(context == c) for c in np.unique(context)]
 
 
 def _nanmean(a: np.ndarray) -> float:
@@ -48,11 +65,15 @@ def _nanmean(a: np.ndarray) -> float:
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
-def score(y: np.ndarray, p: np.ndarray, sections: Sequence[str], genes: Sequence[str]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+def score(y: np.ndarray, p: np.ndarray, sections: Sequence[str], genes: Sequence[str], *,
+          mask: np.ndarray | None = None, context: Sequence[str] | None = None
+          ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Metrics of one fold: ``(metrics, per_gene, per_section)``.
 
     ``per_gene`` (index gene): pooled ``pearson`` and ``mse``; ``per_section`` (index section): ``pearson``
-    (mean over genes within the section), ``mse``, ``n_spots``.
+    (mean over genes within the section), ``mse``, ``n_spots``. With ``mask`` (spots x genes, True = measured
+    and scored) only measured entries count; with ``context`` (a name per spot) ``pearson`` is the macro mean
+    over contexts of each context's HEST metric (see :func:`context_scores`) and ``worst_context`` its minimum.
     """
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
@@ -61,22 +82,50 @@ def score(y: np.ndarray, p: np.ndarray, sections: Sequence[str], genes: Sequence
         raise ValueError(f"{len(sections)} section labels for {len(y)} spots")
     if y.shape[1] != len(genes):
         raise ValueError(f"{y.shape[1]} target columns but {len(genes)} genes")
-    r = pearson_columns(y, p)
-    per_gene = pd.DataFrame({"pearson": r, "mse": ((y - p) ** 2).mean(0)}, index=pd.Index(list(genes), name="gene"))
+    w = np.ones(y.shape, bool) if mask is None else np.asarray(mask, bool)
+    r = pearson_columns(y, p, mask)
+    err = np.where(w, (y - p) ** 2, 0.0)
+    per_gene = pd.DataFrame({"pearson": r, "mse": err.sum(0) / np.maximum(w.sum(0), 1)},
+                            index=pd.Index(list(genes), name="gene"))
     rows = []
     for s in pd.unique(sections):
         m = sections == s
-        rows.append({"section": s, "pearson": _nanmean(pearson_columns(y[m], p[m])),
-                     "mse": float(((y[m] - p[m]) ** 2).mean()), "n_spots": int(m.sum())})
+        rows.append({"section": s, "pearson": _nanmean(pearson_columns(y[m], p[m], None if mask is None else w[m])),
+                     "mse": float(err[m].sum() / max(w[m].sum(), 1)), "n_spots": int(m.sum())})
     per_section = pd.DataFrame(rows).set_index("section")
     metrics = {
         "pearson": _nanmean(r),
         "pearson_section": _nanmean(per_section["pearson"].to_numpy()),
-        "mse": float(((y - p) ** 2).mean()),
+        "mse": float(err.sum() / max(w.sum(), 1)),
         "n_nan_genes": int(np.isnan(r).sum()),
         "n_test_spots": int(len(y)),
     }
+    if context is not None:
+        ctx = context_scores(y, p, np.asarray(context), mask=mask, sections=sections)
+        metrics["pearson"] = float(ctx["pearson"].mean())
+        metrics["worst_context"] = float(ctx["pearson"].min())
+        metrics["n_contexts"] = int(len(ctx))
     return metrics, per_gene, per_section
+
+
+def context_scores(y: np.ndarray, p: np.ndarray, context: np.ndarray, *, mask: np.ndarray | None = None,
+                   sections: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per context (index): its HEST metric over its own spots and measured genes, its per-section Pearson,
+    and how many spots, sections and scored genes it has."""
+    rows = {}
+    for c in pd.unique(context):
+        m = context == c
+        mk = None if mask is None else np.asarray(mask, bool)[m]
+        r = pearson_columns(y[m], p[m], mk)
+        row = {"pearson": _nanmean(r), "n_spots": int(m.sum()), "n_genes": int(np.isfinite(r).sum())}
+        if sections is not None:
+            sec = np.asarray(sections)[m]
+            row["pearson_section"] = _nanmean([_nanmean(pearson_columns(y[m][sec == s], p[m][sec == s],
+                                                                        None if mk is None else mk[sec == s]))
+                                               for s in pd.unique(sec)])
+            row["n_sections"] = int(len(pd.unique(sec)))
+        rows[str(c)] = row
+    return pd.DataFrame(rows).T.rename_axis("context")
 
 
 def summarize(results: pd.DataFrame, *, by: Sequence[str] = ("target", "model"),

@@ -134,3 +134,16 @@ def test_paired_bootstrap_difference(selection_run):
     assert b["verdict"] == ("tie" if b["lo"] <= 0 <= b["hi"] else "better" if b["lo"] > 0 else "worse")
     table = compare_to(run, "ridge_cv", ["ridge_raw", "ridge_hest"], target="log1p", n_boot=200)
     assert table.loc["ridge_raw", "verdict"] == "tie" and table.loc["ridge_raw", "folds_won"] == "0/3"
+
+
+def test_panel_stats_measure_how_much_a_gene_follows_spot_depth(samples):
+    from histomoe_core.data.genes import panel_stats
+
+    rng = np.random.default_rng(1)
+    two = []
+    for s in list(samples)[:2]:
+        total = np.asarray(s.adata.X.sum(axis=1)).ravel()
+        two.append(_with_genes(s, {"DEEP": 1000 * total, "FLAT": rng.poisson(5, size=s.n_spots)}))
+    st = panel_stats(two, ["DEEP", "FLAT"])
+    assert st.loc["DEEP", "depth_r"] > 0.99 and abs(st.loc["FLAT", "depth_r"]) < 0.3
+    assert st.loc["DEEP", "detected"] == pytest.approx(float(np.mean([(s.adata.X.sum(axis=1) > 0).mean() for s in list(samples)[:2]])))

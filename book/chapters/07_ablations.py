@@ -49,6 +49,7 @@ n_seeds = None  # None: the benchmark's default (3)
 targets = ["log1p"]  # target kinds of the ablation run
 benchmark_overrides = {}  # further BenchmarkConfig fields
 reference_model = "histomoe"  # differences are reported against this model
+n_boot = 1000  # bootstrap replicates of the paired intervals
 
 # %%
 import json
@@ -59,6 +60,7 @@ from myst_nb import glue
 
 from histomoe_core import tl
 from histomoe_core.benchmark import ABLATION_NOTES, ablation_models, ablation_references
+from histomoe_core.benchmark.compare import versus
 from histomoe_core.evaluate import fold_table
 
 pd.set_option("display.max_colwidth", None)  # the "change" column describes each variant in full
@@ -74,9 +76,14 @@ table = pd.DataFrame({
     "HEST metric": summary["pearson"],
     "sd folds": summary["pearson_sd_folds"],
     "sd seeds": summary["pearson_sd_seeds"],
-    f"vs {reference_model}": summary["pearson"] - ref,
     "per-section": summary["pearson_section"],
 }, index=summary.index)
+paired = versus(run, list(summary.index), reference_model, target=targets[0], n_boot=n_boot)
+table[f"vs {reference_model}"] = paired["diff"]
+table["95 % interval"] = paired["ci_lo"].map("{:+.3f}".format) + " to " + paired["ci_hi"].map("{:+.3f}".format)
+table["verdict"] = paired["verdict"]
+glue("n_ties", int((paired["verdict"] == "tie").sum()), display=False)
+glue("n_better", int((paired["verdict"] == "better").sum()), display=False)
 glue("n_variants", len(table), display=False)
 glue("abl_n_folds", int(summary["n_folds"].max()), display=False)
 glue("abl_n_seeds", int(summary["n_seeds"].max()), display=False)
@@ -86,9 +93,11 @@ table.sort_values(["group", "HEST metric"], ascending=[True, False]).round(3)
 # %% [markdown]
 # {glue:text}`n_variants` models, {glue:text}`abl_n_folds` folds, {glue:text}`abl_n_seeds` seeds;
 # `vs histomoe` is the difference in the mean HEST metric against the reference model
-# ({glue:text}`abl_ref:.3f`). Differences smaller than the `sd seeds` column are noise; the `sd folds` column
-# is large because the folds differ in difficulty, not because the models are unstable, so the per-fold table
-# below is the fairer comparison.
+# ({glue:text}`abl_ref:.3f`), paired on the same folds, sections and seeds, with a 95 % bootstrap interval over
+# held-out sections and seeds; `verdict` says `tie` when the interval covers 0. {glue:text}`n_ties` variants tie
+# with the reference and {glue:text}`n_better` beat it, on the test folds the reference's own choices were never
+# made on, but which these variants were designed after seeing. The `sd folds` column is large because the folds
+# differ in difficulty, not because the models are unstable, so the per-fold table below is the fairer view.
 
 # %%
 ax = table.sort_values("HEST metric")["HEST metric"].plot.barh(figsize=(6, 0.28 * len(table) + 1),
@@ -112,8 +121,10 @@ for name in ("histomoe_route_meta", "histomoe_route_both", "histomoe_top1", "moe
              "moe_ridge_linear", "moe_ridge_shared_mlp", "histomoe_k50_only", "histomoe_trainable_ridge",
              "histomoe_retrieval_by_section", "ridge_cv", "knn_k50"):
     glue(f"r_{name}", float(r.get(name, float("nan"))), display=False)
-for name in ("ridge_cv", "knn_k50", "moe_soft_mlp", "histomoe"):
-    glue(f"centre_gain_{name}", float(r.get(name, float("nan")) - r.get(f"{name}_raw", float("nan"))), display=False)
+for name, centred, raw in (("ridge_cv", "ridge_cv_centred", "ridge_cv_raw"), ("knn_k50", "knn_k50", "knn_k50_raw"),
+                           ("moe_soft_mlp", "moe_soft_mlp", "moe_soft_mlp_raw"),
+                           ("histomoe", "histomoe_anchored", "histomoe_raw")):
+    glue(f"centre_gain_{name}", float(r.get(centred, float("nan")) - r.get(raw, float("nan"))), display=False)
 ref_info = run.results.loc[run.results["model"] == reference_model, "info"]
 start = pd.Series([json.loads(i).get("best_epoch") for i in ref_info], dtype=float)
 glue("n_epoch0", int((start == 0).sum()), display=False)
@@ -127,7 +138,7 @@ groups.agg(["min", "max", "count"]).round(3)
 #
 # - **Training targets.** Centring each training section's targets moves ridge by
 #   {glue:text}`centre_gain_ridge_cv:+.3f`, the plain MoE by {glue:text}`centre_gain_moe_soft_mlp:+.3f`,
-#   HistoMoE by {glue:text}`centre_gain_histomoe:+.3f` and retrieval by {glue:text}`centre_gain_knn_k50:+.3f`.
+#   the anchored MoE by {glue:text}`centre_gain_histomoe:+.3f` and retrieval by {glue:text}`centre_gain_knn_k50:+.3f`.
 #   Models that fit a map from features to expression must otherwise spend it on the sections' depth offsets.
 # - **Routing input.** Every her2st section has the same organ and cancer type, so a router reading only the
 #   metadata gives all spots the same gates: a learned global weighting of the experts

@@ -105,6 +105,17 @@ def compare_to(run: BenchmarkRun, model: str, references: Sequence[str], *, targ
     return pd.DataFrame(rows).set_index("reference")
 
 
+def versus(run: BenchmarkRun, models: Sequence[str], reference: str, *, target: str, **kw) -> pd.DataFrame:
+    """One row per model: its paired difference against ``reference`` (model - reference), interval, verdict."""
+    rows = {}
+    for m in models:
+        if m == reference:
+            continue
+        b = bootstrap_difference(run, m, reference, target=target, **kw)
+        rows[m] = {"diff": b["diff"], "ci_lo": b["lo"], "ci_hi": b["hi"], "verdict": b["verdict"]}
+    return pd.DataFrame(rows).T
+
+
 def panel_depth(run: BenchmarkRun, samples, *, target: str) -> pd.DataFrame:
     """Per fold, on the test sections: how much the fold's panel follows spot depth (median over genes of the
     Pearson r between a gene's log1p counts and the spot's log1p total counts) and the genes' median detection."""

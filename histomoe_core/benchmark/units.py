@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -21,12 +22,21 @@ from histomoe_core.features import centre_sections
 
 def fit_model(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, *, seed: int):
     """``(estimator, centre, fit_seconds)``: the model of ``spec`` fit on ``train`` (section-centred targets when
-    the spec, or else the config, says so)."""
+    the spec, or else the config, says so). Inner-CV choices on the edge of their grid are kept in
+    ``estimator.grid_warnings`` (and the unit's info) instead of being printed once per fit."""
+    from histomoe_core.baselines import GridEdgeWarning
+
     est = create_model(spec, name=name, train=cfg.train)
     centre = spec.get("centre")
     centre = cfg.centre_targets if centre is None else bool(centre)
     t0 = time.perf_counter()
-    est.fit(centre_sections(train) if centre else train, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GridEdgeWarning)
+        est.fit(centre_sections(train) if centre else train, seed=seed)
+    est.grid_warnings = sorted({str(w.message) for w in caught if issubclass(w.category, GridEdgeWarning)})
+    for w in caught:
+        if not issubclass(w.category, GridEdgeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return est, centre, time.perf_counter() - t0
 
 
@@ -48,7 +58,8 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
     est, centre, fit_s = fit_model(cfg, name, spec, train, seed=seed)
     pred, extra = predict_model(est, test)
     metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes)
-    info = est.info() if hasattr(est, "info") else {}
+    info = {**(est.info() if hasattr(est, "info") else {}),
+            **({"grid_edge": est.grid_warnings} if est.grid_warnings else {})}
     with cache.atomic_dir(unit) as tmp:
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "fit_seconds": fit_s, "centre": centre,
                                                       "info": info}, default=float))
