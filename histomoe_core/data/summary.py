@@ -1,19 +1,44 @@
-"""Tables describing a dataset: sections, patients, spots, genes, pixel size, image size, counts."""
+"""Tables describing a dataset: sections, patients, spots, genes, pixel size, patch size, image size, counts."""
 from __future__ import annotations
+
+import warnings
 
 import pandas as pd
 
-from histomoe_core.data.patches import image_size
-from histomoe_core.data.sample import SampleSet, total_counts
+from histomoe_core.data.patches import PatchSpec, image_size
+from histomoe_core.data.sample import Sample, SampleSet, total_counts
+
+#: a patch spanning fewer source pixels than this is mostly interpolation once resized for the encoder
+LOW_SOURCE_PX = 32
 
 
-def summary_table(samples: SampleSet) -> pd.DataFrame:
+def patch_source_px(sample: Sample, spec: PatchSpec = PatchSpec()) -> int:
+    """Source-image pixels across one patch of ``spec.size_um`` (warns when fewer than :data:`LOW_SOURCE_PX`)."""
+    px = spec.crop_px(sample.pixel_size_um)
+    if px < LOW_SOURCE_PX:
+        warnings.warn(
+            f"{sample.sample_id}: a {spec.size_um:g} um patch spans only {px} source pixels "
+            f"({sample.pixel_size_um:.2f} um/px), upsampled to {spec.out_px}; use a higher-resolution image if one exists",
+            stacklevel=2,
+        )
+    return px
+
+
+def summary_table(samples: SampleSet, spec: PatchSpec = PatchSpec()) -> pd.DataFrame:
+    """One row per section; ``patch_px`` is the source pixels across a ``spec.size_um`` patch (warns when few)."""
     rows = []
     for s in samples:
         w, h = image_size(s.image_path) if s.image_path is not None else (None, None)
         rows.append({
-            "section": s.sample_id, "patient": s.patient, "spots": s.n_spots, "genes": s.adata.n_vars,
-            "um_per_px": round(s.pixel_size_um, 3), "image_w": w, "image_h": h,
+            "section": s.sample_id, "patient": s.patient, "species": s.meta.get("species"),
+            "tissue": s.meta.get("tissue") or s.meta.get("organ"), "spots": s.n_spots, "genes": s.adata.n_vars,
+            "um_per_px": round(s.pixel_size_um, 3), "patch_px": spec.crop_px(s.pixel_size_um), "image_w": w, "image_h": h,
             "median_counts": int(pd.Series(total_counts(s.adata)).median()),
         })
+    low = [r["section"] for r in rows if r["patch_px"] < LOW_SOURCE_PX]
+    if low:
+        warnings.warn(
+            f"{len(low)} sections have {spec.size_um:g} um patches under {LOW_SOURCE_PX} source pixels "
+            f"({', '.join(low)}): they are upsampled to {spec.out_px} px", stacklevel=2,
+        )
     return pd.DataFrame(rows).set_index("section")
