@@ -120,7 +120,7 @@ def load_her2st(*, sections: Sequence[str] | None = None, root: Path | None = No
     base_meta = {
         "organ": x["organ"], "cancer_type": x["cancer_type"], "oncotree_code": x["oncotree_code"],
         "technology": "ST", "dataset": "her2st", "species": x["species"], "disease_state": x["disease_state"],
-        "preservation": x["preservation"], "group_kind": "patient",
+        "preservation": x["preservation"], "group_kind": "patient", "spot_um": 100.0,
     }
     clinical = read_clinical(root / x["clinical"]["sheet"])
     names = list(sections) if sections is not None else list(x["sections"])

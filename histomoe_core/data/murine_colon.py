@@ -23,7 +23,7 @@ from histomoe_core.data.fetch import fetch
 from histomoe_core.data.manifests import load_manifest
 from histomoe_core.data.sample import Sample, SampleSet, tag_species
 from histomoe_core.data.sources import SOURCES
-from histomoe_core.data.spaceranger import spacing_pixel_size
+from histomoe_core.data.spaceranger import VISIUM_SPOT_UM, spacing_pixel_size
 from histomoe_core.errors import DataError
 
 NAME = "murine_colon_explorer"
@@ -109,7 +109,7 @@ def load_colon(root: Path, sid: str, x: dict, zoom: int) -> Sample:
     adata.obsm["spatial"] = coords[["pixel_x", "pixel_y"]].to_numpy(np.float64) * 2**zoom
     tag_species(adata, x["species"])
     meta = {k: x[k] for k in ("species", "organ", "tissue", "disease_state", "technology", "preservation")}
-    meta |= {"dataset": NAME, "section": sid, "group_kind": "section", "zoom": zoom}
+    meta |= {"dataset": NAME, "section": sid, "group_kind": "section", "zoom": zoom, "spot_um": VISIUM_SPOT_UM}
     return Sample(
         sample_id=sid, patient=sid, adata=adata, pixel_size_um=spacing_pixel_size(adata.obsm["spatial"]),
         image_path=stitched_image(tiles, zoom, tile_files), meta=meta,

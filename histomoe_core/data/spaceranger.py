@@ -29,6 +29,7 @@ from histomoe_core.data.sample import Sample, tag_species
 from histomoe_core.errors import DataError
 
 #: Visium v1 geometry
+VISIUM_SPOT_UM = 55.0
 VISIUM_PITCH_UM = 100.0
 #: reference genome -> host species
 GENOMES = {"GRCh38": "human", "hg19": "human", "GRCh37": "human", "mm10": "mouse", "GRCm38": "mouse", "GRCm39": "mouse"}
@@ -167,5 +168,5 @@ def read_spaceranger(
     tag_species(adata, species)
     return Sample(
         sample_id=sid, patient=patient or sid, adata=adata, pixel_size_um=float(um_per_px), image_path=image_path,
-        meta={"technology": "Visium", "species": species, "image": image, "scalefactor": scale, **(meta or {})},
+        meta={"technology": "Visium", "spot_um": VISIUM_SPOT_UM, "species": species, "image": image, "scalefactor": scale, **(meta or {})},
     )

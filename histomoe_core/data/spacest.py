@@ -24,6 +24,7 @@ from histomoe_core.errors import DataError
 
 NAME = "spacest"
 ST_PITCH_UM = 200.0
+ST_SPOT_UM = 100.0
 
 
 def read_workspace(path: Path) -> dict:
@@ -78,7 +79,7 @@ def load_replicate(root: Path, sid: str, info: dict, objects: dict, x: dict) -> 
     um_per_px = float(np.mean([(x1 - x0) * ST_PITCH_UM / w, (y1 - y0) * ST_PITCH_UM / h]))
     tag_species(adata, x["species"])
     meta = {k: x[k] for k in ("species", "organ", "tissue", "disease_state", "technology", "preservation")}
-    meta |= {"dataset": NAME, "section": sid, "group_kind": "section"}
+    meta |= {"dataset": NAME, "section": sid, "group_kind": "section", "spot_um": ST_SPOT_UM}
     return Sample(sample_id=sid, patient=sid, adata=adata, pixel_size_um=um_per_px, image_path=image, meta=meta)
 
 

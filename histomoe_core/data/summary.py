@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Mapping
 
 import pandas as pd
 
@@ -42,3 +43,29 @@ def summary_table(samples: SampleSet, spec: PatchSpec = PatchSpec()) -> pd.DataF
             f"({', '.join(low)}): they are upsampled to {spec.out_px} px", stacklevel=2,
         )
     return pd.DataFrame(rows).set_index("section")
+
+
+def context_of(sample: Sample) -> str:
+    """A short name of the sample's tissue context, e.g. ``"human Breast: HER2+ invasive ductal carcinoma"``."""
+    m = sample.meta
+    detail = m.get("tissue") or m.get("cancer_type") or m.get("disease_state")
+    state = m.get("disease_state")
+    if m.get("tissue") and state and str(state).lower() not in ("healthy", "cancer"):
+        detail = f"{detail} ({state})"
+    head = " ".join(str(v) for v in (m.get("species"), m.get("organ")) if v)
+    return f"{head}: {detail}" if detail else head or "unknown"
+
+
+def overview_table(datasets: Mapping[str, SampleSet], spec: PatchSpec = PatchSpec()) -> pd.DataFrame:
+    """:func:`summary_table` of several datasets stacked, with ``dataset`` and ``context`` columns (no warning
+    about low-resolution patches: the ``patch_px`` column shows them)."""
+    parts = []
+    for name, samples in datasets.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = summary_table(samples, spec)
+        t = t.drop(columns="tissue")
+        t.insert(0, "context", [context_of(s) for s in samples])
+        t.insert(0, "dataset", name)
+        parts.append(t)
+    return pd.concat(parts)
