@@ -116,7 +116,7 @@ def split_genomes(adata: ad.AnnData, *, where: Path) -> tuple[ad.AnnData, str]:
 
     out = adata[:, adata.var["genome"].isin(host).to_numpy()].copy()
     out.var["gene_ids"] = out.var_names.to_numpy() if "gene_ids" not in out.var else out.var["gene_ids"]
-    out.var_names = make_index_unique(pd.Index(out.var["symbol"].astype(str)))
+    out.var_names = make_index_unique(pd.Index(out.var["symbol"].astype(str).to_numpy()))
     return out, species[0] if species and species[0] else ""
 
 
