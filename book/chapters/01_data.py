@@ -46,14 +46,17 @@ from histomoe_core.data.summary import overview_table, summary_table
 from histomoe_core.data.targets import NORM_TARGET_SUM
 
 samples = load_dataset(dataset, **dataset_options)
-overview = {name: samples if name == dataset else load_dataset(name) for name in datasets}
+# every dataset of `datasets`, and `dataset` itself if it is not among them (e.g. your own, -p dataset=NAME)
+overview = {name: samples if name == dataset else load_dataset(name) for name in dict.fromkeys([*datasets, dataset])}
 spec = PatchSpec()
-every = overview_table(overview, spec)
+pqc_every = pl.data.patch_qc_table([s for ss in overview.values() for s in ss], spec)
+every = overview_table(overview, spec, patch_qc=pqc_every)
 glue("n_datasets", len(overview), display=False)
 glue("n_all_sections", len(every), display=False)
 glue("n_contexts", every["context"].nunique(), display=False)
 glue("n_species", every["species"].nunique(), display=False)
 glue("px_range", f"{every['um_per_px'].min():.2f} to {every['um_per_px'].max():.2f}", display=False)
+glue("top_background", ", ".join(every["background"].nlargest(3).index), display=False)
 glue("patch_px_range", f"{every['patch_px'].min()} to {every['patch_px'].max()}", display=False)
 every
 
@@ -64,8 +67,10 @@ every
 # contexts and {glue:text}`n_species` species. Pixel sizes run from {glue:text}`px_range` um/px, so one
 # {glue:text}`patch_um` um patch spans {glue:text}`patch_px_range` source pixels (`patch_px`) before it is resized
 # for the encoder: the same tissue area, at very different detail. Sections whose patches span fewer than 32
-# source pixels (the Visium hires images) are upsampled about 8-fold. Each panel below is one section with its
-# spots drawn at their physical size (100 um legacy-ST spots, 55 um Visium spots).
+# source pixels (the Visium hires images) are upsampled about 8-fold. `background` counts the patches that are
+# mostly glass or masked background (the patch QC below); most of them are in {glue:text}`top_background` (on
+# the default profile: the airy COVID-19 lung sections and her2st's poorly registered A2). Each panel below is one section with its spots drawn at their physical size (100 um legacy-ST
+# spots, 55 um Visium spots).
 
 # %%
 fig = pl.datasets.section_grid(overview, spec=spec)
@@ -134,7 +139,7 @@ qc_summary
 # %%
 glue("patch_um", f"{spec.size_um:g}", display=False)
 glue("patch_px", spec.out_px, display=False)
-pqc = pl.data.patch_qc_table(samples, spec)
+pqc = pqc_every[pqc_every["section"].isin(samples.ids)]
 pqc_summary = pl.data.patch_qc_summary(pqc)
 glue("n_out", int(pqc_summary["out of image"].sum()), display=False)
 glue("n_background", int(pqc_summary["background"].sum()), display=False)

@@ -56,9 +56,12 @@ def context_of(sample: Sample) -> str:
     return f"{head}: {detail}" if detail else head or "unknown"
 
 
-def overview_table(datasets: Mapping[str, SampleSet], spec: PatchSpec = PatchSpec()) -> pd.DataFrame:
+def overview_table(datasets: Mapping[str, SampleSet], spec: PatchSpec = PatchSpec(), *,
+                   patch_qc: pd.DataFrame | None = None) -> pd.DataFrame:
     """:func:`summary_table` of several datasets stacked, with ``dataset`` and ``context`` columns (no warning
-    about low-resolution patches: the ``patch_px`` column shows them)."""
+    about low-resolution patches: the ``patch_px`` column shows them). With ``patch_qc`` (a table with ``section``
+    and ``is_background`` per spot, e.g. ``pl.data.patch_qc_table``), a ``background`` column counts the
+    patches flagged as mostly background."""
     parts = []
     for name, samples in datasets.items():
         with warnings.catch_warnings():
@@ -68,4 +71,8 @@ def overview_table(datasets: Mapping[str, SampleSet], spec: PatchSpec = PatchSpe
         t.insert(0, "context", [context_of(s) for s in samples])
         t.insert(0, "dataset", name)
         parts.append(t)
-    return pd.concat(parts)
+    out = pd.concat(parts)
+    if patch_qc is not None:
+        flagged = patch_qc.groupby("section", observed=True)["is_background"].sum()
+        out.insert(out.columns.get_loc("patch_px") + 1, "background", flagged.reindex(out.index).fillna(0).astype(int))
+    return out
