@@ -84,6 +84,20 @@ def test_spaceranger_new_positions_file_with_header(outs):
     np.testing.assert_array_equal(s.coords, ref.coords)
 
 
+def test_spaceranger_full_resolution_image_keeps_fullres_pixels(outs, tmp_path):
+    from histomoe_core.data.spaceranger import read_spaceranger
+
+    fullres = tmp_path / "fullres.png"  # stands in for the image Space Ranger was run on (not in the mirror)
+    shutil.copyfile(outs / "spatial" / "tissue_hires_image.png", fullres)
+    s = read_spaceranger(outs, image=fullres)
+    pos = positions(outs).loc[s.adata.obs_names]
+    np.testing.assert_array_equal(s.coords, pos[[5, 4]].to_numpy(float))
+    assert s.image_path == fullres and s.meta["scalefactor"] == 1.0
+    with pytest.raises(DataError) as exc:
+        read_spaceranger(outs, image=tmp_path / "nope.tif")
+    one_line(exc, "nope.tif", "full-resolution")
+
+
 @pytest.mark.parametrize("broken, named", [
     ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix.h5"),
     ("spatial/scalefactors_json.json", "scalefactors_json.json"),

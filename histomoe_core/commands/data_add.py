@@ -11,7 +11,8 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--spaceranger", nargs="+", metavar="DIR", help="Space Ranger outs/ folders, one per section")
     src.add_argument("--h5ad", metavar="FILE", help="AnnData: raw counts, obsm['spatial'] spot x, y in image pixels")
-    a.add_argument("--image", help="H&E image of the AnnData (required with --h5ad)")
+    a.add_argument("--image", nargs="+", default=None,
+                   help="with --h5ad: its H&E image (required); with --spaceranger: full-resolution images, one per folder (default: hires)")
     a.add_argument("--um-per-px", type=float, default=None, help="image pixel size (required with --h5ad; Visium: from the spot spacing)")
     a.add_argument("--species", required=True, choices=["human", "mouse"])
     a.add_argument("--patients", nargs="+", default=None, help="split group per section (default: the section)")
@@ -28,11 +29,11 @@ def _add(args) -> int:
     context = {k: getattr(args, k) for k in ("organ", "tissue", "disease_state", "cancer_type", "preservation", "technology")}
     if args.spaceranger:
         samples = userdata.register_spaceranger(args.name, args.spaceranger, species=args.species, patients=args.patients,
-                                                um_per_px=args.um_per_px, **context)
+                                                um_per_px=args.um_per_px, image=args.image or "hires", **context)
     else:
         if not args.image or args.um_per_px is None:
             raise DataError("--h5ad needs --image (the H&E the coordinates refer to) and --um-per-px")
-        samples = userdata.register_anndata(args.name, args.h5ad, image=args.image, um_per_px=args.um_per_px,
+        samples = userdata.register_anndata(args.name, args.h5ad, image=args.image[0], um_per_px=args.um_per_px,
                                             species=args.species, patient=(args.patients or [None])[0], **context)
     print(summary_table(samples).to_string())
     print(f"\nregistered {args.name!r} ({len(samples)} sections): {userdata.registry_dir() / args.name}.yaml")

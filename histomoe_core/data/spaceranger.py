@@ -120,12 +120,31 @@ def split_genomes(adata: ad.AnnData, *, where: Path) -> tuple[ad.AnnData, str]:
     return out, species[0] if species and species[0] else ""
 
 
+def image_scale(spatial: Path, image: str | Path) -> tuple[float, Path]:
+    """Factor from full-resolution to ``image`` pixels, and the image file."""
+    if str(image) not in IMAGES:
+        path = Path(image)
+        if not path.is_file():
+            raise DataError(f"{path}: full-resolution image missing; give the image Space Ranger was run on, or 'hires'")
+        return 1.0, path
+    factors = read_scalefactors(spatial)
+    key = f"tissue_{image}_scalef"
+    if key not in factors:
+        raise DataError(f"{spatial / 'scalefactors_json.json'}: no {key!r}; it is needed to map spots onto the {image} image")
+    path = spatial / IMAGES[str(image)]
+    if not path.is_file():
+        raise DataError(f"{path}: missing; copy the {image} image from Space Ranger outs/spatial/")
+    return float(factors[key]), path
+
+
 def read_spaceranger(
-    path: str | Path, *, sample_id: str | None = None, image: Literal["hires", "lowres"] = "hires",
+    path: str | Path, *, sample_id: str | None = None, image: Literal["hires", "lowres"] | str | Path = "hires",
     um_per_px: float | None = None, species: str | None = None, patient: str | None = None, meta: dict | None = None,
 ) -> Sample:
     """A Visium ``outs/`` folder as a :class:`Sample`: spots under tissue, centres in ``image`` pixels.
 
+    ``image`` is ``"hires"``, ``"lowres"`` or the path of the full-resolution image given to Space Ranger
+    (spot centres are then ``pxl_*_in_fullres`` as they are).
     ``species`` is required when the reference genome does not say (e.g. a custom reference); ``patient`` is the
     split group (default: the sample id).
     """
@@ -145,14 +164,7 @@ def read_spaceranger(
     pos = positions.loc[adata.obs_names]
     adata = adata[(pos["in_tissue"] == 1).to_numpy()].copy()
     pos = pos.loc[adata.obs_names]
-    factors = read_scalefactors(spatial)
-    key = f"tissue_{image}_scalef"
-    if key not in factors:
-        raise DataError(f"{spatial / 'scalefactors_json.json'}: no {key!r}; it is needed to map spots onto the {image} image")
-    scale = float(factors[key])
-    image_path = spatial / IMAGES[image]
-    if not image_path.is_file():
-        raise DataError(f"{image_path}: missing; copy the {image} image from Space Ranger outs/spatial/")
+    scale, image_path = image_scale(spatial, image)
     adata, found = split_genomes(adata, where=h5)
     species = species or found
     if not species:
@@ -168,5 +180,5 @@ def read_spaceranger(
     tag_species(adata, species)
     return Sample(
         sample_id=sid, patient=patient or sid, adata=adata, pixel_size_um=float(um_per_px), image_path=image_path,
-        meta={"technology": "Visium", "spot_um": VISIUM_SPOT_UM, "species": species, "image": image, "scalefactor": scale, **(meta or {})},
+        meta={"technology": "Visium", "spot_um": VISIUM_SPOT_UM, "species": species, "image": str(image), "scalefactor": scale, **(meta or {})},
     )

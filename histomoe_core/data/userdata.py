@@ -80,22 +80,28 @@ def _context(species: str, context: dict) -> dict:
 
 def register_spaceranger(
     name: str, folders: Sequence[str | Path], *, species: str, patients: Sequence[str] | None = None,
-    um_per_px: float | None = None, image: str = "hires", **context,
+    um_per_px: float | None = None, image: str | Sequence[str] = "hires", **context,
 ) -> SampleSet:
-    """Register Space Ranger ``outs/`` folders (one section each) as dataset ``name``; returns it loaded."""
+    """Register Space Ranger ``outs/`` folders (one section each) as dataset ``name``; returns it loaded.
+
+    ``image``: ``"hires"`` (default), ``"lowres"``, or one full-resolution image path per folder."""
     _check_name(name)
     meta = _context(species, context)
+    images = [image] * len(folders) if isinstance(image, str) and image in ("hires", "lowres") else list(image)
+    if len(images) != len(folders) or (patients and len(patients) != len(folders)):
+        raise DataError(f"give one full-resolution image and one patient per Space Ranger folder ({len(folders)} folders)")
     sections, samples = {}, []
     for i, folder in enumerate(folders):
         folder = Path(folder).resolve()
         patient = patients[i] if patients else None
-        s = read_spaceranger(folder, species=species, patient=patient, um_per_px=um_per_px, image=image,
+        img = images[i] if images[i] in ("hires", "lowres") else str(Path(images[i]).resolve())
+        s = read_spaceranger(folder, species=species, patient=patient, um_per_px=um_per_px, image=img,
                              meta=_sample_meta(name, meta, patient))
         samples.append(s)
         h5, spatial = folder / "filtered_feature_bc_matrix.h5", folder / "spatial"
-        kept = [h5, spatial / "scalefactors_json.json", s.image_path, *sorted(spatial.glob("tissue_positions*.csv"))]
+        kept = [h5, s.image_path, *sorted(spatial.glob("tissue_positions*.csv")), *sorted(spatial.glob("scalefactors_json.json"))]
         sections[s.sample_id] = {"kind": "spaceranger", "path": str(folder), "patient": s.patient,
-                                 "um_per_px": um_per_px, "image": image, "files": _files(*kept)}
+                                 "um_per_px": um_per_px, "image": img, "files": _files(*kept)}
     _write_entry(name, {"name": name, "meta": meta, "sections": sections})
     return SampleSet(name, samples)
 
