@@ -107,7 +107,7 @@ def split_genomes(adata: ad.AnnData, *, where: Path) -> tuple[ad.AnnData, str]:
             adata.obs[f"{PATHOGENS[g]}_counts"] = np.asarray(adata.X[:, mask].sum(axis=1)).ravel()
     host = [g for g in genomes if g not in PATHOGENS]
     species = sorted({GENOMES.get(g, "") for g in host})
-    if len(species) > 1 or "" in species and len(host) > 1:
+    if len(species) > 1 or ("" in species and len(host) > 1):
         raise DataError(
             f"{where}: features of several species in one sample (genomes {', '.join(host)}); split the matrix by "
             "genome (one species per sample) before reading it"
@@ -166,6 +166,8 @@ def read_spaceranger(
     pos = pos.loc[adata.obs_names]
     scale, image_path = image_scale(spatial, image)
     adata, found = split_genomes(adata, where=h5)
+    if species and found and species != found:
+        raise DataError(f"{h5}: the reference genome is {found}, not {species}; pass species={found!r} (or none)")
     species = species or found
     if not species:
         raise DataError(f"{h5}: the reference genome does not name a species; pass species='human' or 'mouse'")
