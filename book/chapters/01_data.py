@@ -18,14 +18,17 @@
 # each spot caught, which image patches are usable, which genes make up the prediction panel, and the two ways
 # to turn counts into regression targets.
 #
-# The default profile reads **her2st** (Andersson et al. 2021 {cite}`andersson2021her2st`): HER2-positive breast
-# cancer measured with legacy Spatial Transcriptomics (100 um spots on a 200 um grid). The smoke profile runs
-# the same cells on the synthetic dataset.
+# It starts with **every dataset** side by side, before anything is pooled: tissues, species, technologies and
+# pixel sizes differ, and a model that pools them has to cope with all of it. The rest of the chapter then looks
+# closely at one dataset. The default profile reads **her2st** (Andersson et al. 2021
+# {cite}`andersson2021her2st`): HER2-positive breast cancer measured with legacy Spatial Transcriptomics (100 um
+# spots on a 200 um grid). The smoke profile runs the same cells on the synthetic dataset.
 
 # %% tags=["parameters"]
 profile = "her2st"
 dataset = "her2st"
 dataset_options = {}
+datasets = ["her2st", "ffpe_analysis", "spacest", "murine_colon_explorer"]  # shown side by side first
 section = None  # section to inspect closely; None: the one with the most background-flagged patches
 n_genes = 50
 min_frac = 0.1
@@ -39,18 +42,61 @@ from histomoe_core import pl
 from histomoe_core.data import load_dataset
 from histomoe_core.data.genes import select_panel
 from histomoe_core.data.patches import PatchSpec
-from histomoe_core.data.summary import summary_table
+from histomoe_core.data.summary import overview_table, summary_table
 from histomoe_core.data.targets import NORM_TARGET_SUM
 
 samples = load_dataset(dataset, **dataset_options)
+# every dataset of `datasets`, and `dataset` itself if it is not among them (e.g. your own, -p dataset=NAME)
+overview = {name: samples if name == dataset else load_dataset(name) for name in dict.fromkeys([*datasets, dataset])}
+spec = PatchSpec()
+pqc_every = pl.data.patch_qc_table([s for ss in overview.values() for s in ss], spec)
+every = overview_table(overview, spec, patch_qc=pqc_every)
+glue("n_datasets", len(overview), display=False)
+glue("n_all_sections", len(every), display=False)
+glue("n_contexts", every["context"].nunique(), display=False)
+glue("n_species", every["species"].nunique(), display=False)
+glue("px_range", f"{every['um_per_px'].min():.2f} to {every['um_per_px'].max():.2f}", display=False)
+glue("top_background", ", ".join(every["background"].nlargest(3).index), display=False)
+glue("patch_px_range", f"{every['patch_px'].min()} to {every['patch_px'].max()}", display=False)
+every
+
+# %% [markdown]
+# ## Every dataset
+#
+# {glue:text}`n_datasets` datasets, {glue:text}`n_all_sections` sections, {glue:text}`n_contexts` tissue
+# contexts and {glue:text}`n_species` species. Pixel sizes run from {glue:text}`px_range` um/px, so one
+# {glue:text}`patch_um` um patch spans {glue:text}`patch_px_range` source pixels (`patch_px`) before it is resized
+# for the encoder: the same tissue area, at very different detail. Sections whose patches span fewer than 32
+# source pixels (the Visium hires images) are upsampled about 8-fold. `background` counts the patches that are
+# mostly glass or masked background (the patch QC below); most of them are in {glue:text}`top_background` (on
+# the default profile: the airy COVID-19 lung sections and her2st's poorly registered A2). Each panel below is one section with its spots drawn at their physical size (100 um legacy-ST
+# spots, 55 um Visium spots).
+
+# %%
+fig = pl.datasets.section_grid(overview, spec=spec)
+
+# %% [markdown]
+# One row per tissue context: random {glue:text}`patch_um` um patches of one of its sections, as the encoder
+# sees them (here at 96 px).
+
+# %%
+fig = pl.datasets.context_montage(overview, seed=seed)
+
+# %% [markdown]
+# ## One dataset up close
+#
+# From here on the chapter looks at one dataset, {glue:text}`dataset_name`.
+
+# %%
 table = summary_table(samples)
+glue("dataset_name", dataset, display=False)
 glue("n_sections", len(samples), display=False)
 glue("n_patients", len(samples.patients), display=False)
 glue("n_spots", int(table["spots"].sum()), display=False)
 table
 
 # %% [markdown]
-# ## Sections and spots
+# ### Sections and spots
 #
 # The dataset has {glue:text}`n_sections` sections from {glue:text}`n_patients` patients, {glue:text}`n_spots`
 # spots in all. Each circle below is one spot drawn at its physical size over the section's H&E image. Sections
@@ -61,7 +107,7 @@ table
 fig = pl.data.sections(samples)
 
 # %% [markdown]
-# ## Spot QC: counts and genes per spot
+# ### Spot QC: counts and genes per spot
 #
 # The number of molecules a spot catches (its *library size*) depends on the tissue, but also on the section's
 # chemistry and sequencing depth. Across these sections the median counts per spot differ
@@ -81,7 +127,7 @@ qc_summary
 # A difference this large matters for the targets (below): a model that only learns "dense tissue, many
 # counts" already correlates with every gene.
 #
-# ## Patch QC
+# ### Patch QC
 #
 # The model sees a square patch around each spot ({glue:text}`patch_um` um wide, HEST-Bench's size, resized to
 # {glue:text}`patch_px` px). Two things can go wrong: the
@@ -91,10 +137,9 @@ qc_summary
 # place to look when a section scores badly.
 
 # %%
-spec = PatchSpec()
 glue("patch_um", f"{spec.size_um:g}", display=False)
 glue("patch_px", spec.out_px, display=False)
-pqc = pl.data.patch_qc_table(samples, spec)
+pqc = pqc_every[pqc_every["section"].isin(samples.ids)]
 pqc_summary = pl.data.patch_qc_summary(pqc)
 glue("n_out", int(pqc_summary["out of image"].sum()), display=False)
 glue("n_background", int(pqc_summary["background"].sum()), display=False)
@@ -117,7 +162,7 @@ ax = pl.data.patch_qc_map(samples[detail], pqc)
 fig = pl.data.example_patches(samples[detail], pqc, seed=seed)
 
 # %% [markdown]
-# ## The gene panel
+# ### The gene panel
 #
 # HistoMoE predicts a panel of genes, chosen by HEST-Bench's rule: among genes expressed in at least
 # {glue:text}`min_frac_pct` of the spots of every section (control probes dropped), the {glue:text}`panel_size`
@@ -133,7 +178,7 @@ glue("min_frac_pct", f"{min_frac:.0%}", display=False)
 fig = pl.data.gene_panel(panel)
 
 # %% [markdown]
-# ## Two kinds of target
+# ### Two kinds of target
 #
 # HEST-Bench regresses `log1p` of the **raw counts**. Because of the library-size differences above, that
 # target mixes two signals: how much of the gene a spot expresses *relative to its other genes*, and how many

@@ -57,16 +57,18 @@ def _download_http(url: str, dst: Path, entry: FileEntry) -> None:
             os.unlink(tmp)
 
 
-def locate(manifest: Manifest) -> Path | None:
-    """The first mirror or cache directory holding every file of the manifest, verified; else None."""
+def locate(manifest: Manifest, sections=None) -> Path | None:
+    """The first mirror or cache directory holding every file of the manifest (or of ``sections``), verified."""
+    files = manifest.files_of(sections)
     for root in [m / manifest.name for m in paths.mirrors()] + [paths.data_dir() / manifest.name]:
-        if root.is_dir() and all(_valid(root / f.path, f) for f in manifest.files):
+        if root.is_dir() and all(_valid(root / f.path, f) for f in files):
             return root
     return None
 
 
-def fetch(name: str, *, progress: bool = True) -> Path:
-    """Make every file of dataset ``name`` available and verified; return the directory that holds them."""
+def fetch(name: str, *, progress: bool = True, sections=None) -> Path:
+    """Make every file of dataset ``name`` (or only those ``sections`` need) available and verified; return the
+    directory that holds them."""
     manifest = load_manifest(name)
     if manifest.kind == "generated":
         raise FetchError(f"{name} is generated on this machine, not fetched; use `histomoe_core.data.load_dataset('{name}')`")
@@ -74,12 +76,12 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         from histomoe_core.data.hest import fetch_hest  # the HEST layout has its own fetcher
 
         return fetch_hest(manifest)
-    found = locate(manifest)
+    found = locate(manifest, sections)
     if found is not None:
         return found
     dest = paths.data_dir() / name
     problems: list[str] = []
-    for entry in tqdm(manifest.files, desc=f"fetch {name}", disable=not progress, unit="file"):
+    for entry in tqdm(manifest.files_of(sections), desc=f"fetch {name}", disable=not progress, unit="file"):
         target = dest / entry.path
         if _valid(target, entry):
             continue
@@ -118,12 +120,12 @@ def _explain(manifest: Manifest, problems: list[str]) -> str:
     )
 
 
-def verify(name: str) -> list[tuple[str, str]]:
-    """Check every file of a dataset where it is found; return ``(path, status)`` rows."""
+def verify(name: str, sections=None) -> list[tuple[str, str]]:
+    """Check every file of a dataset (or of ``sections``) where it is found; return ``(path, status)`` rows."""
     manifest = load_manifest(name)
     roots = [m / name for m in paths.mirrors()] + [paths.data_dir() / name]
     rows = []
-    for entry in manifest.files:
+    for entry in manifest.files_of(sections):
         status = "missing"
         for root in roots:
             p = root / entry.path

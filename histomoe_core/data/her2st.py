@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from histomoe_core.data.fetch import fetch
 from histomoe_core.data.manifests import load_manifest
-from histomoe_core.data.sample import Sample, SampleSet
+from histomoe_core.data.sample import Sample, SampleSet, tag_species
 from histomoe_core.data.sources import SOURCES
 from histomoe_core.errors import DataError
 
@@ -101,6 +101,7 @@ def load_section(root: Path, section: str, info: dict, base_meta: dict, clinical
         var=pd.DataFrame(index=counts.columns.astype(str)),
     )
     adata.obsm["spatial"] = xy
+    tag_species(adata, base_meta["species"])
     patient = str(info["patient"])
     meta = base_meta | {"section": section, "quality": info.get("quality", "ok"), "coord_scale": scale}
     meta |= clinical.get(patient, {})
@@ -118,7 +119,8 @@ def load_her2st(*, sections: Sequence[str] | None = None, root: Path | None = No
     x = manifest.extra
     base_meta = {
         "organ": x["organ"], "cancer_type": x["cancer_type"], "oncotree_code": x["oncotree_code"],
-        "technology": "ST", "dataset": "her2st",
+        "technology": "ST", "dataset": "her2st", "species": x["species"], "disease_state": x["disease_state"],
+        "preservation": x["preservation"], "group_kind": "patient", "spot_um": 100.0,
     }
     clinical = read_clinical(root / x["clinical"]["sheet"])
     names = list(sections) if sections is not None else list(x["sections"])

@@ -44,6 +44,34 @@ class Manifest:
     def kind(self) -> str:
         return self.source.get("kind", "http")
 
+    @property
+    def sections(self) -> dict:
+        return self.extra.get("sections") or {}
+
+    def files_of(self, sections=None) -> list[FileEntry]:
+        """The files that ``sections`` need (all files when None): each section's own files plus the shared ones.
+
+        A file belongs to a section when it lies under one of the section's ``files`` prefixes, is its ``image``,
+        or its name starts with ``<section>.`` / ``<section>_`` (her2st: ``A1.tsv.gz``, ``A1_selection.tsv``).
+        """
+        if sections is None:
+            return list(self.files)
+        unknown = sorted(set(sections) - set(self.sections))
+        if unknown:
+            raise FetchError(f"{self.name} has no section {unknown}; sections: {', '.join(self.sections)}")
+        owner = {f.path: self._owner(f.path) for f in self.files}
+        return [f for f in self.files if owner[f.path] is None or owner[f.path] in set(sections)]
+
+    def _owner(self, path: str) -> str | None:
+        base = path.rsplit("/", 1)[-1]
+        for sid, info in self.sections.items():
+            info = info or {}
+            if any(path.startswith(p) for p in info.get("files", [])) or path == info.get("image"):
+                return sid
+            if base.startswith((f"{sid}.", f"{sid}_")):
+                return sid
+        return None
+
     def file(self, path: str) -> FileEntry:
         for f in self.files:
             if f.path == path:

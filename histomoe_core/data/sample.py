@@ -19,6 +19,10 @@ from histomoe_core.errors import DataError
 
 #: metadata keys every source fills (others may be added freely)
 META_KEYS = ("organ", "cancer_type", "oncotree_code", "technology", "dataset")
+#: the context every real section carries (issue 10): what the text encoder reads and what experts specialise in
+CONTEXT_KEYS = ("species", "organ", "tissue", "disease_state", "technology", "preservation", "group_kind")
+#: species a sample's genes may be tagged with (human and mouse symbols are never the same gene)
+SPECIES = ("human", "mouse")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         validate_counts(self.adata, where=self.sample_id)
+        check_one_species(self.adata, where=self.sample_id)
         self.adata.obs["sample_id"] = self.sample_id
         self.adata.obs["patient"] = self.patient
         if not np.isfinite(self.pixel_size_um) or self.pixel_size_um <= 0:
@@ -47,16 +52,25 @@ class Sample:
         """Spot centres (x, y) in pixels of the sample's image."""
         return np.asarray(self.adata.obsm["spatial"], dtype=np.float64)
 
-    def metadata_text(self) -> str:
-        """A phrase describing the sample's biological context, for text encoders.
+    @property
+    def species(self) -> str | None:
+        """``human`` / ``mouse`` (``meta["species"]``), None where the source does not say."""
+        sp_ = self.meta.get("species")
+        return sp_ if sp_ in SPECIES else None
 
-        E.g. ``"Breast, HER2+ invasive ductal carcinoma, ER-, PgR+, grade 3, node-"``: organ and cancer type, then
-        receptor status, grade and node status where the source records them.
+    def metadata_text(self) -> str:
+        """A phrase describing the sample's biological context, for text encoders, built from its fields.
+
+        E.g. ``"Breast, HER2+ invasive ductal carcinoma, ER-, PgR+, grade 3, node-, fresh frozen"`` or
+        ``"Brain, coronal section, healthy, mouse, FFPE"``: organ, tissue, cancer type (else disease state),
+        receptor status, grade and node status, the species when it is not human, and the preservation.
         """
         m = self.meta
-        parts = [m.get("organ"), m.get("cancer_type")]
+        tissue = m.get("tissue") if str(m.get("tissue", "")).lower() != str(m.get("organ", "")).lower() else None
+        parts = [m.get("organ"), tissue, m.get("cancer_type") or m.get("disease_state")]
         parts += [f"ER{m['er']}" if m.get("er") else None, f"PgR{m['pgr']}" if m.get("pgr") else None]
         parts += [f"grade {m['grade']}" if m.get("grade") else None, f"node{m['node_status']}" if m.get("node_status") else None]
+        parts += [self.species if self.species not in (None, "human") else None, m.get("preservation")]
         return ", ".join(str(p) for p in parts if p)
 
     def row(self) -> dict:
@@ -111,6 +125,43 @@ class SampleSet:
 
 def total_counts(adata: ad.AnnData) -> np.ndarray:
     return np.asarray(adata.X.sum(axis=1)).ravel()
+
+
+def tag_species(adata: ad.AnnData, species: str) -> None:
+    """Tag every gene of ``adata`` with its species (``var["species"]``, ``uns["species"]``)."""
+    if species not in SPECIES:
+        raise DataError(f"unknown species {species!r}; give one of {', '.join(SPECIES)}")
+    adata.var["species"] = species
+    adata.uns["species"] = species
+
+
+def check_one_species(adata: ad.AnnData, *, where: str) -> None:
+    """Refuse a sample whose genes are tagged with more than one species."""
+    if "species" in adata.var:
+        found = sorted(pd.unique(adata.var["species"].astype(str)))
+        if len(found) > 1:
+            raise DataError(
+                f"{where}: genes of several species in one sample ({', '.join(found)}); split it into one sample "
+                "per species (human and mouse genes are not the same genes)"
+            )
+
+
+def species_gene_ids(adata: ad.AnnData) -> pd.Index:
+    """Gene ids tagged with their species, e.g. ``human:ACTB`` / ``mouse:Actb`` (untagged: the bare symbol)."""
+    tag = adata.uns.get("species")
+    return pd.Index([f"{tag}:{g}" for g in adata.var_names] if tag else list(adata.var_names))
+
+
+def require_one_species(samples: Sequence["Sample"]) -> str | None:
+    """The one species of ``samples``; a clear error where human and mouse would be pooled gene by gene."""
+    found = sorted({s.species for s in samples if s.species})
+    if len(found) > 1:
+        ids = {sp_: next(s.sample_id for s in samples if s.species == sp_) for sp_ in found}
+        raise DataError(
+            f"samples of several species ({', '.join(f'{k}: e.g. {v}' for k, v in ids.items())}) cannot share one "
+            "gene panel; select one species (e.g. load_dataset(..., species='human'))"
+        )
+    return found[0] if found else None
 
 
 def validate_counts(adata: ad.AnnData, *, where: str) -> None:

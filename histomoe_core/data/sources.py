@@ -8,7 +8,11 @@ SOURCES: Registry[SampleSet] = Registry("data source")
 
 
 def load_dataset(name: str, **kwargs) -> SampleSet:
-    """Load a dataset by name (``her2st``, ``hest``, ``synthetic``); keyword options go to its adapter."""
+    """Load a dataset by name (a built-in one, e.g. ``her2st``, or one registered with
+    :mod:`histomoe_core.data.userdata`); keyword options go to its adapter."""
     import histomoe_core.data  # noqa: F401  (registers every adapter)
+    from histomoe_core.data import userdata
 
+    if name not in SOURCES and name in userdata.registered():
+        return userdata.load_registered(name, **kwargs)
     return SOURCES.create(name, **kwargs)

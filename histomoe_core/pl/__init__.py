@@ -1,6 +1,6 @@
 """Plotting (scanpy-style ``pl``): functions take data first, keyword-only options, and return figures.
 
-Submodules load on first use (``pl.data.sections``, ``pl.routing.expert_map``, ``pl.genes``, ``pl.attributions``,
+Submodules load on first use (``pl.data.sections``, ``pl.datasets.section_grid``, ``pl.routing.expert_map``, ``pl.genes``, ``pl.attributions``,
 ``pl.interactive``, ``pl.embeddings``), so code that draws one kind of figure imports only what it draws.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import ModuleType
 from histomoe_core.pl.spatial import spatial_scatter, thumbnail
 
 #: figure modules, imported on first attribute access
-SUBMODULES = ("spatial", "data", "routing", "genes", "attributions", "interactive", "embeddings")
+SUBMODULES = ("spatial", "data", "datasets", "routing", "genes", "attributions", "interactive", "embeddings")
 
 __all__ = ["spatial_scatter", "thumbnail", *SUBMODULES]
 
