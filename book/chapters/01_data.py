@@ -167,9 +167,10 @@ fig = pl.data.example_patches(samples[detail], pqc, seed=seed)
 # HistoMoE predicts a panel of genes, chosen by HEST-Bench's rule: among genes expressed in at least
 # {glue:text}`min_frac_pct` of the spots of every section (control probes dropped), the {glue:text}`panel_size`
 # most highly variable ones (scanpy's `seurat` flavour on log1p counts: dispersion normalised within bins of
-# mean expression, so a gene is chosen for varying more than genes of its expression level). Here the panel is picked on all sections, to show it. **The benchmark does not do this**: it
-# picks the panel again inside every cross-validation fold, on the training patients only, so the test patients
-# never influence which genes are scored.
+# mean expression, so a gene is chosen for varying more than genes of its expression level). Here the panel is
+# picked on all sections, to show it. **The benchmark does not do this**: it picks the panel again inside every
+# cross-validation fold, on the training patients only, so the test patients never influence which genes are
+# scored.
 
 # %%
 panel = select_panel(list(samples), n_genes=n_genes, min_frac=min_frac)
