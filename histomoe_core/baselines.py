@@ -79,6 +79,25 @@ def ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], *, interce
     return coefs, intercepts
 
 
+def mask_groups(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, genes)`` index pairs: the genes measured on exactly the same training rows, for each such pattern."""
+    patterns, inverse = np.unique(np.asarray(mask, bool).T, axis=0, return_inverse=True)
+    return [(np.flatnonzero(p), np.flatnonzero(inverse.ravel() == k)) for k, p in enumerate(patterns)]
+
+
+def masked_ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], mask: np.ndarray | None = None):
+    """:func:`ridge_path` where each gene is fit on the rows that measure it (``mask``); genes measured on fewer
+    than two rows get zero coefficients and intercepts."""
+    if mask is None:
+        return ridge_path(z, y, alphas)
+    coefs = np.zeros((len(alphas), z.shape[1], y.shape[1]))
+    intercepts = np.zeros((len(alphas), y.shape[1]))
+    for rows, genes in mask_groups(mask):
+        if len(rows) >= 2:
+            coefs[:, :, genes], intercepts[:, genes] = ridge_path(z[rows], y[np.ix_(rows, genes)], alphas)
+    return coefs, intercepts
+
+
 class GridEdgeWarning(RuntimeWarning):
     """Inner CV chose a value on the edge of its (widened) grid."""
 
@@ -125,41 +144,64 @@ def _widen_log(grid: list, side: int, steps: int = 4) -> list:
     return [grid[-1] * r**k for k in range(1, steps + 1)]
 
 
-def cv_ridge_alpha(z: np.ndarray, y: np.ndarray, folds, alphas: Sequence[float] = ALPHAS) -> GridSearch:
-    """Ridge alpha with the best mean inner-fold HEST metric (grid widened while the best is on its edge)."""
+def cv_ridge_alpha(z: np.ndarray, y: np.ndarray, folds, alphas: Sequence[float] = ALPHAS, *,
+                   mask: np.ndarray | None = None, context: np.ndarray | None = None) -> GridSearch:
+    """Ridge alpha with the best mean inner-fold HEST metric (grid widened while the best is on its edge);
+    with ``mask`` / ``context``, masked fits and the per-context macro metric."""
     def evaluate(grid: list) -> np.ndarray:
         scores = np.zeros(len(grid))
         for tr, va in folds:
-            coefs, b = ridge_path(z[tr], y[tr], grid)
+            coefs, b = masked_ridge_path(z[tr], y[tr], grid, _rows(mask, tr))
             for i in range(len(grid)):
-                scores[i] += hest_metric(y[va], z[va] @ coefs[i] + b[i]) / len(folds)
+                scores[i] += hest_metric(y[va], z[va] @ coefs[i] + b[i], _rows(mask, va), _rows(context, va)) / len(folds)
         return scores
 
     return grid_search(evaluate, [float(a) for a in alphas], widen=_widen_log, what="ridge alpha")
 
 
-def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
-    """Mean target of the k most cosine-similar bank rows, for every k in ``ks`` (one sort)."""
+def _rows(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]
+
+
+def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks: Sequence[int], *,
+                bank_mask: np.ndarray | None = None, chunk: int = 512) -> dict[int, np.ndarray]:
+    """Mean target of the k most cosine-similar bank rows, for every k in ``ks`` (one sort per query chunk).
+
+    With ``bank_mask`` a gene is averaged over the neighbours that measure it (its bank mean when none does)."""
     def unit(a):
         return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
-    sim = unit(query_z) @ unit(bank_z).T
-    kmax = min(max(ks), sim.shape[1])
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :kmax]
-    csum = np.cumsum(bank_y[order], axis=1)  # (Q, kmax, G)
-    return {k: csum[:, min(k, kmax) - 1] / min(k, kmax) for k in ks}
+    bank = unit(bank_z)
+    kmax = min(max(ks), len(bank))
+    w = None if bank_mask is None else np.asarray(bank_mask, np.float64)
+    yw = bank_y if w is None else bank_y * w
+    fallback = None if w is None else yw.sum(0) / np.maximum(w.sum(0), 1)
+    out = {k: np.zeros((len(query_z), bank_y.shape[1])) for k in ks}
+    for s in range(0, len(query_z), chunk):
+        sim = unit(query_z[s:s + chunk]) @ bank.T
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :kmax]
+        csum = np.cumsum(yw[order], axis=1)  # (Q, kmax, G)
+        cnt = None if w is None else np.cumsum(w[order], axis=1)
+        for k in ks:
+            j = min(k, kmax) - 1
+            if cnt is None:
+                out[k][s:s + chunk] = csum[:, j] / (j + 1)
+            else:
+                out[k][s:s + chunk] = np.where(cnt[:, j] > 0, csum[:, j] / np.maximum(cnt[:, j], 1), fallback)
+    return out
 
 
-def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS) -> GridSearch:
+def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS, *, mask: np.ndarray | None = None,
+             context: np.ndarray | None = None) -> GridSearch:
     """Neighbour count with the best mean inner-fold HEST metric (larger / smaller k tried while on an edge)."""
     n_bank = min(len(tr) for tr, _ in folds)
 
     def evaluate(grid: list) -> np.ndarray:
         scores = np.zeros(len(grid))
         for tr, va in folds:
-            preds = knn_predict(z[tr], y[tr], z[va], grid)
+            preds = knn_predict(z[tr], y[tr], z[va], grid, bank_mask=_rows(mask, tr))
             for i, k in enumerate(grid):
-                scores[i] += hest_metric(y[va], preds[k]) / len(folds)
+                scores[i] += hest_metric(y[va], preds[k], _rows(mask, va), _rows(context, va)) / len(folds)
         return scores
 
     def widen(grid: list, side: int) -> list:
@@ -200,12 +242,16 @@ class HESTRidge:
         self.pipe = Pipeline([("scaler", StandardScaler()), ("pca", PCA(n_components=k, random_state=0))])
         z = self.pipe.fit_transform(data.x)
         self.alpha = 100.0 / (z.shape[1] * data.y.shape[1])
-        self.reg = Ridge(alpha=self.alpha, fit_intercept=False, solver="lsqr", max_iter=1000, random_state=0)
-        self.reg.fit(z, data.y)
+        mask = np.ones(data.y.shape, bool) if data.mask is None else data.mask
+        self.coef = np.zeros((data.y.shape[1], z.shape[1]))
+        for rows, genes in mask_groups(mask):  # one fit when every gene is measured on every spot
+            if len(rows) >= 2:
+                reg = Ridge(alpha=self.alpha, fit_intercept=False, solver="lsqr", max_iter=1000, random_state=0)
+                self.coef[genes] = reg.fit(z[rows], data.y[np.ix_(rows, genes)]).coef_
         return self
 
     def predict(self, data: FoldData) -> np.ndarray:
-        return self.reg.predict(self.pipe.transform(data.x)).astype(np.float32)
+        return (self.pipe.transform(data.x) @ self.coef.T).astype(np.float32)
 
     def info(self) -> dict:
         return {"alpha": self.alpha}
@@ -227,11 +273,12 @@ class RidgeCV:
         y = data.y.astype(np.float64)
         if self.fixed_alpha is None:
             self.inner_by = inner_group_by(data)
-            self.search = cv_ridge_alpha(z, y, group_folds(data), self.alphas)
+            self.search = cv_ridge_alpha(z, y, group_folds(data), self.alphas, mask=data.mask,
+                                         context=data.scoring_context())
             self.alpha = float(self.search.best)
         else:
             self.alpha = float(self.fixed_alpha)
-        coefs, b = ridge_path(z, y, [self.alpha])
+        coefs, b = masked_ridge_path(z, y, [self.alpha], data.mask)
         self.coef, self.intercept = coefs[0], b[0]
         return self
 
@@ -257,17 +304,19 @@ class KNNRetrieval:
 
     def fit(self, data: FoldData, *, seed: int = 0) -> "KNNRetrieval":
         self.z = self.prep.fit(data.x).transform(data.x)
-        self.y = data.y.astype(np.float64)
+        self.y, self.mask = data.y.astype(np.float64), data.mask
         if self.fixed_k is None:
             self.inner_by = inner_group_by(data)
-            self.search = cv_knn_k(self.z, self.y, group_folds(data), self.ks)
+            self.search = cv_knn_k(self.z, self.y, group_folds(data), self.ks, mask=data.mask,
+                                   context=data.scoring_context())
             self.k = int(self.search.best)
         else:
             self.k = int(self.fixed_k)
         return self
 
     def predict(self, data: FoldData) -> np.ndarray:
-        return knn_predict(self.z, self.y, self.prep.transform(data.x), [self.k])[self.k].astype(np.float32)
+        return knn_predict(self.z, self.y, self.prep.transform(data.x), [self.k],
+                           bank_mask=self.mask)[self.k].astype(np.float32)
 
     def info(self) -> dict:
         return {"k": self.k, **_search_info(self)}

@@ -198,7 +198,7 @@ def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: in
     Returns ``(results, per_gene)``: one row per encoder x target kind x fold (HEST ``pearson``,
     ``pearson_section``, ``mse``), and per gene the pooled Pearson r.
     """
-    from histomoe_core.baselines import create_baseline
+    from histomoe_core.baselines import GridEdgeWarning, create_baseline
     from histomoe_core.data.genes import select_panel
     from histomoe_core.data.splits import make_folds
     from histomoe_core.embed import run_embedding
@@ -220,9 +220,12 @@ def compare_encoders(samples: SampleSet, encoders: Sequence[str], *, n_genes: in
                                      rule=panel_rule, kind=kind)
                 genes = list(panel.index)
                 train, test = fold_arrays(table, samples, fold, genes=genes, kind=kind)
-                pred = create_baseline(head).fit(train, seed=seed).predict(test)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", GridEdgeWarning)
+                    pred = create_baseline(head).fit(train, seed=seed).predict(test)
                 metrics, per_gene, _ = score(test.y, pred, test.sample, genes)
-                rows.append({"encoder": name, "pretrained": pretrained, "target": kind, "fold": fold.name, **metrics})
+                rows.append({"encoder": name, "pretrained": pretrained, "target": kind, "fold": fold.name, **metrics,
+                             "grid_edge": any(issubclass(w.category, GridEdgeWarning) for w in caught)})
                 genes_rows.append(per_gene.assign(encoder=name, target=kind, fold=fold.name).reset_index())
     return pd.DataFrame(rows), pd.concat(genes_rows, ignore_index=True)
 

@@ -8,7 +8,7 @@ targets on the fold's gene panel, and the section / patient of every spot.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class FoldData:
     spot: np.ndarray  #: (N,) spot ids (obs_names)
     genes: tuple[str, ...] = ()
     contexts: tuple[str, ...] = ()  #: context names, indexed by ``context``
+    #: (N, G) bool, True where a gene is measured and scored for a spot (None: every gene of every spot);
+    #: unmeasured entries of ``y`` are 0 and must be ignored by every loss and metric
+    mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -38,7 +41,17 @@ class FoldData:
     def take(self, mask_or_idx: np.ndarray) -> "FoldData":
         i = np.asarray(mask_or_idx)
         return replace(self, x=self.x[i], meta=self.meta[i], context=self.context[i], y=self.y[i],
-                       sample=self.sample[i], patient=self.patient[i], spot=self.spot[i])
+                       sample=self.sample[i], patient=self.patient[i], spot=self.spot[i],
+                       mask=None if self.mask is None else self.mask[i])
+
+    def context_names(self) -> np.ndarray:
+        """The context name of every spot."""
+        return np.asarray(self.contexts, dtype=object)[self.context] if self.contexts else self.context.astype(str)
+
+    def scoring_context(self) -> np.ndarray | None:
+        """Context names to score by (the macro mean over contexts of per-context HEST metrics) for data with
+        per-context panels (a mask); None for one pooled panel, scored as HEST-Bench does."""
+        return self.context_names() if self.mask is not None and len(np.unique(self.context)) > 1 else None
 
     def groups(self, by: str = "patient") -> np.ndarray:
         """Integer group id per spot (``by`` = "patient" or "sample")."""
@@ -91,17 +104,47 @@ def targets(samples: SampleSet, genes: Sequence[str], kind: str, ids: Sequence[s
 
 
 def fold_arrays(table: SpotTable, samples: SampleSet, fold: Fold, *, genes: Sequence[str],
-                kind: str = "log1p") -> tuple[FoldData, FoldData]:
-    """Train and test :class:`FoldData` of ``fold`` with targets of ``kind`` on ``genes``."""
+                kind: str = "log1p", scored: Callable[[str], Sequence[str]] | None = None
+                ) -> tuple[FoldData, FoldData]:
+    """Train and test :class:`FoldData` of ``fold`` with targets of ``kind`` on ``genes``.
+
+    ``scored(sample_id)`` gives the genes measured and scored in that section (a subset of ``genes``); its
+    targets are filled in, the rest stay 0 and are masked out (:attr:`FoldData.mask`). None: every gene of every
+    section. Gene names may carry a species prefix (``"mouse:Actb"``, see
+    :func:`~histomoe_core.data.genes.gene_key`); targets are read under the bare symbol.
+    """
     out = []
     for ids in (fold.train, fold.test):
         idx = np.concatenate([np.flatnonzero(table.sample == i) for i in ids])
-        y = targets(samples, genes, kind, ids)
+        if scored is None:
+            y, mask = targets(samples, genes, kind, ids), None
+        else:
+            y, mask = masked_targets(samples, genes, kind, ids, scored)
         if len(y) != len(idx):
             raise DataError(f"fold {fold.name}: {len(idx)} embedded spots but {len(y)} target rows")
         out.append(FoldData(table.x[idx], table.meta[idx], table.context[idx], y, table.sample[idx],
-                            table.patient[idx], table.spot[idx], tuple(genes), table.contexts))
+                            table.patient[idx], table.spot[idx], tuple(genes), table.contexts, mask))
     return out[0], out[1]
+
+
+def masked_targets(samples: SampleSet, genes: Sequence[str], kind: str, ids: Sequence[str],
+                   scored: Callable[[str], Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Targets on ``genes`` (0 where not scored) and the mask of scored entries, section by section."""
+    from histomoe_core.data.genes import symbol_of
+
+    col = {g: j for j, g in enumerate(genes)}
+    ys, ms = [], []
+    for i in ids:
+        keep = [g for g in scored(i) if g in col]
+        y = np.zeros((samples[i].n_spots, len(genes)), np.float32)
+        m = np.zeros(y.shape, bool)
+        if keep:
+            cols = [col[g] for g in keep]
+            y[:, cols] = make_targets(samples[i].adata, [symbol_of(g) for g in keep], kind=kind)
+            m[:, cols] = True
+        ys.append(y)
+        ms.append(m)
+    return np.concatenate(ys), np.concatenate(ms)
 
 
 #: inner cross-validation groups by patient only when the training fold has at least this many patients
@@ -133,21 +176,38 @@ def inner_split(data: FoldData, *, seed: int = 0, by: str = "patient") -> tuple[
 
 def group_folds(data: FoldData, *, by: str = "patient", max_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
     """Leave-one-group-out (train, val) index pairs over the groups of :func:`inner_group_by`, merging groups
-    into at most ``max_folds`` folds."""
+    into at most ``max_folds`` folds. Data with per-context panels (a mask) get folds stratified by context:
+    each context's groups are dealt round-robin over the folds, and a context with a single group is never
+    validated on (its spots always train)."""
     keys = getattr(data, inner_group_by(data, by))
     uniq = np.unique(keys)
     if len(uniq) < 2:
         raise ValueError("inner cross-validation needs at least two sections in the training fold")
+    if data.mask is not None and len(np.unique(data.context)) > 1:
+        return _stratified_group_folds(keys, data.context, max_folds)
     chunks = np.array_split(uniq, min(max_folds, len(uniq)))
     return [(np.flatnonzero(~np.isin(keys, c)), np.flatnonzero(np.isin(keys, c))) for c in chunks]
 
 
+def _stratified_group_folds(keys: np.ndarray, context: np.ndarray, max_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    per_ctx: dict = {}
+    for c, g in dict.fromkeys(zip(context.tolist(), keys.tolist())):
+        per_ctx.setdefault(c, []).append(g)
+    k = min(max_folds, max(len(g) for g in per_ctx.values()))
+    fold_of = {g: i % k for gs in per_ctx.values() if len(gs) > 1 for i, g in enumerate(sorted(gs))}
+    assign = np.array([fold_of.get(g, -1) for g in keys.tolist()])
+    return [(np.flatnonzero(assign != i), np.flatnonzero(assign == i)) for i in range(k) if (assign == i).any()]
+
+
 def centre_sections(data):
-    """Training targets with each section's mean moved to the pooled training mean (per gene)."""
+    """Training targets with each section's mean moved to the pooled training mean (per gene; with a mask,
+    means over measured entries only, unmeasured entries left at 0)."""
     y = data.y.astype(np.float64)
-    pooled = y.mean(0)
+    w = np.ones(y.shape) if data.mask is None else data.mask.astype(np.float64)
+    pooled = (y * w).sum(0) / np.maximum(w.sum(0), 1)
     out = y.copy()
     for s in np.unique(data.sample):
         m = data.sample == s
-        out[m] += pooled - y[m].mean(0)
+        sec = (y[m] * w[m]).sum(0) / np.maximum(w[m].sum(0), 1)
+        out[m] += (pooled - sec) * w[m]
     return replace(data, y=out.astype(np.float32))

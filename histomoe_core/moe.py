@@ -280,18 +280,25 @@ class RetrievalExpert(nn.Module):
         self.register_buffer("bank_x", torch.zeros(0, in_dim))
         self.register_buffer("bank_y", torch.zeros(0, out_dim))
         self.register_buffer("bank_group", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("bank_mask", torch.zeros(0, out_dim))  #: 1 where a bank target is measured
 
     @torch.no_grad()
-    def set_bank(self, x: Tensor, y: Tensor, group: Tensor | None = None) -> None:
+    def set_bank(self, x: Tensor, y: Tensor, group: Tensor | None = None, mask: Tensor | None = None) -> None:
         self.bank_x = F.normalize(x.float(), dim=1)
         self.bank_y = y.float()
         self.bank_group = torch.zeros(len(x), dtype=torch.long) if group is None else torch.as_tensor(group).long()
+        self.bank_mask = torch.ones_like(self.bank_y) if mask is None else torch.as_tensor(mask).float()
+        self.bank_y = self.bank_y * self.bank_mask
+        self.bank_fallback = self.bank_y.sum(0) / self.bank_mask.sum(0).clamp_min(1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # bank size varies between fits
-        for name in ("bank_x", "bank_y", "bank_group"):
+        if prefix + "bank_mask" not in state_dict and prefix + "bank_y" in state_dict:  # saved before masks
+            state_dict[prefix + "bank_mask"] = torch.ones_like(state_dict[prefix + "bank_y"])
+        for name in ("bank_x", "bank_y", "bank_group", "bank_mask"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.bank_fallback = self.bank_y.sum(0) / self.bank_mask.sum(0).clamp_min(1.0)
 
     def forward(self, x: Tensor, query_group: Tensor | None = None) -> Tensor:  # (B, D) -> (B, K, G)
         if len(self.bank_x) == 0:
@@ -302,10 +309,11 @@ class RetrievalExpert(nn.Module):
         kmax = min(max(self.ks), sim.shape[1])
         top = sim.topk(kmax, dim=1)
         valid = torch.isfinite(top.values).to(x.dtype).unsqueeze(-1)  # (B, kmax, 1)
-        csum = (self.bank_y[top.indices] * valid).cumsum(1)  # (B, kmax, G)
-        cnt = valid.cumsum(1).clamp_min(1.0)
+        csum = (self.bank_y[top.indices] * valid).cumsum(1)  # (B, kmax, G); unmeasured bank entries are 0
+        cnt = (self.bank_mask[top.indices] * valid).cumsum(1)  # neighbours that measure each gene
         idx = torch.tensor([min(k, kmax) - 1 for k in self.ks], device=x.device)
-        return csum[:, idx] / cnt[:, idx]
+        c = cnt[:, idx]
+        return torch.where(c > 0, csum[:, idx] / c.clamp_min(1.0), self.bank_fallback.to(csum))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,12 +358,15 @@ class HistoMoE(nn.Module):
         return self
 
     @torch.no_grad()
-    def set_bank(self, img_emb: Tensor, targets: Tensor, group: Tensor | None = None) -> "HistoMoE":
-        """Give the retrieval expert its training spots (call after :meth:`fit_input`)."""
+    def set_bank(self, img_emb: Tensor, targets: Tensor, group: Tensor | None = None,
+                 mask: Tensor | None = None) -> "HistoMoE":
+        """Give the retrieval expert its training spots (call after :meth:`fit_input`); ``mask`` marks the
+        measured entries of ``targets``."""
         if self.retrieval is None:
             raise ValueError("this HistoMoE has no retrieval expert (retrieval_k=0)")
         self.retrieval.set_bank(self.input_norm(torch.as_tensor(img_emb, dtype=torch.float32)),
-                                torch.as_tensor(targets), None if group is None else torch.as_tensor(group))
+                                torch.as_tensor(targets), None if group is None else torch.as_tensor(group),
+                                None if mask is None else torch.as_tensor(mask))
         return self
 
     def features(self, img_emb: Tensor) -> Tensor:
@@ -391,9 +402,14 @@ class HistoMoE(nn.Module):
     def aux_weights(self) -> dict[str, float]:
         return {"balance": self.cfg.balance_weight, "z": self.cfg.z_weight, "guide": self.cfg.guide_weight}
 
-    def loss(self, out: MoEOutput, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """MSE of the prediction plus the auxiliary losses weighted by the config; also the parts as floats."""
-        mse = F.mse_loss(out.pred.float(), target.float())
+    def loss(self, out: MoEOutput, target: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """MSE of the prediction (over the entries ``mask`` marks as measured, when given) plus the auxiliary
+        losses weighted by the config; also the parts as floats."""
+        if mask is None:
+            mse = F.mse_loss(out.pred.float(), target.float())
+        else:
+            w = mask.float()
+            mse = (((out.pred.float() - target.float()) ** 2) * w).sum() / w.sum().clamp_min(1.0)
         total = mse
         parts = {"mse": float(mse.detach())}
         w = self.aux_weights()

@@ -125,6 +125,7 @@ def _tensors(data: FoldData, device: torch.device, group_by: str = "patient") ->
         "group": torch.as_tensor(data.groups(group_by), dtype=torch.long, device=device),
     }
     t["meta"] = torch.as_tensor(data.meta, dtype=torch.float32, device=device) if data.meta.shape[1] else None
+    t["mask"] = None if data.mask is None else torch.as_tensor(data.mask, dtype=torch.bool, device=device)
     return t
 
 
@@ -154,8 +155,9 @@ def _score(model: nn.Module, data: FoldData, monitor: str, device: torch.device,
            tensors: dict[str, torch.Tensor] | None = None) -> float:
     p = predict_arrays(model, data, device=device, tensors=tensors)["pred"]
     if monitor == "loss":
-        return -float(((p - data.y) ** 2).mean())
-    return hest_metric(data.y, p)
+        w = np.ones(p.shape) if data.mask is None else data.mask
+        return -float((((p - data.y) ** 2) * w).sum() / max(w.sum(), 1))
+    return hest_metric(data.y, p, data.mask, data.scoring_context())
 
 
 def _ckpt_path(checkpoint_dir: Path | None, phase: str) -> Path | None:
@@ -199,7 +201,8 @@ class _Run:
             mine = idx[rank::world].to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = forward(self.net, self.t, mine, exclude_group=True)
-                loss, parts = self.model.loss(out, self.t["y"][mine])
+                mask = None if self.t["mask"] is None else self.t["mask"][mine]
+                loss, parts = self.model.loss(out, self.t["y"][mine], mask)
             if world > 1:  # DDP averages gradients over ranks: weight shards so the result is the global batch mean
                 loss = loss * (len(mine) * world / len(idx))
             self.opt.zero_grad(set_to_none=True)
@@ -360,6 +363,8 @@ class MoERegressor:
 
     def config_for(self, data: FoldData) -> MoEConfig:
         kw = dict(self.moe_kw)
+        if kw.get("n_experts") == "contexts":  # one expert per context of the dataset
+            kw["n_experts"] = max(len(data.contexts), 1)
         if kw.get("pca_dim"):
             kw["pca_dim"] = int(min(kw["pca_dim"], len(data) - 1, data.x.shape[1]))
         return MoEConfig(in_dim=data.x.shape[1], n_genes=data.y.shape[1], meta_dim=data.meta.shape[1],
@@ -370,10 +375,11 @@ class MoERegressor:
         model = HistoMoE(self.config_for(data))
         model.fit_input(torch.as_tensor(data.x))
         if model.retrieval is not None:
-            model.set_bank(torch.as_tensor(data.x), torch.as_tensor(data.y), torch.as_tensor(data.groups(self.retrieval_exclude)))
+            model.set_bank(torch.as_tensor(data.x), torch.as_tensor(data.y), torch.as_tensor(data.groups(self.retrieval_exclude)),
+                           None if data.mask is None else torch.as_tensor(data.mask))
             model.group_by = self.retrieval_exclude
         # every head starts at the mean training target (the offsets need not be learned first)
-        start_at_mean(model, data.y.mean(0))
+        start_at_mean(model, target_mean(data))
         if self.init == "ridge":
             model.anchored = True  # early stopping may keep the untrained (ridge) start
             w, b, self.alpha_ = _ridge_solution(model, data, self.ridge_alpha)
@@ -411,6 +417,13 @@ class MoERegressor:
         if getattr(self, "alpha_", None) is not None:
             out["ridge_alpha"] = self.alpha_
         return out
+
+
+def target_mean(data: FoldData) -> np.ndarray:
+    """Mean training target per gene (over measured entries when the data carry a mask)."""
+    if data.mask is None:
+        return data.y.mean(0)
+    return (data.y * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@
 # - **Folds**: leave one patient out ({glue:text}`n_patients` patients, so {glue:text}`n_folds` folds). Serial
 #   sections of a patient never straddle train and test.
 # - **Gene panel**: {glue:text}`cfg_n_genes` genes per fold chosen on the fold's *training* sections only, by
-#   HEST-Bench's rule (rule `{glue:text}`panel_rule``): drop genes detected in fewer than {glue:text}`cfg_min_frac`
+#   HEST-Bench's rule (rule {glue:text}`panel_rule`): drop genes detected in fewer than {glue:text}`cfg_min_frac`
 #   of the spots of any training section and control probes, then the highly variable genes of scanpy's `seurat`
 #   flavour on log1p counts, i.e. genes that vary more than other genes *of the same expression level*.
 #   HEST-Bench runs this rule on all samples of a task, test included; here it never sees the test patient.
@@ -216,7 +216,7 @@ depth.round(2)
 rules
 
 # %% [markdown]
-# Under the `{glue:text}`other_rule`` rule the panel genes correlate with spot depth at a median r of
+# Under the {glue:text}`other_rule` rule the panel genes correlate with spot depth at a median r of
 # {glue:text}`depth_other:.2f`, against {glue:text}`depth_main:.2f` for HEST's rule, and the two panels share at
 # most {glue:text}`shared_max` genes in a fold. {glue:text}`higher_models` higher on the depth-driven panel (by
 # {glue:text}`rule_gap:.3f` on average): much of that measures how well an image predicts how many molecules a

@@ -6,7 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from histomoe_core.benchmark.models import ABLATIONS, MODELS, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TRAIN
+from histomoe_core.benchmark.models import (ABLATIONS, MODELS, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TISSUE_MODELS,
+                                            TRAIN)
 from histomoe_core.errors import HistoMoEError
 
 
@@ -24,6 +25,9 @@ class BenchmarkConfig:
     min_frac: float = 0.1
     #: gene panel rule (:data:`~histomoe_core.data.genes.PANEL_RULES`), run on each fold's training sections
     panel_rule: str = "hest"
+    #: "pooled": one panel for all spots; "per_context": one panel per context, models predict their union
+    #: (:mod:`~histomoe_core.benchmark.panels`)
+    panels: str = "pooled"
     gene_list: str | None = None  #: a fixed gene list (path, or "hest" for the task's shipped list)
     targets: tuple[str, ...] = ("log1p", "log1p_norm")
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -59,6 +63,13 @@ PROFILES: dict[str, dict] = {
             "mlp": {"kind": "mlp", "hidden": 32, "match_experts": 6},
             "histomoe": dict(SYNTHETIC_HISTOMOE),
         },
+    },
+    # every tissue context on the mirrors (issue 11): per-context panels, contexts with two or more groups held
+    # out in both folds, targets never section-centred
+    "tissues": {
+        "dataset": "tissues", "scheme": "stratified", "k": 2, "context_key": "context", "panels": "per_context",
+        "encoder": "efficientnet_lite0", "targets": ("log1p",), "seeds": (0, 1), "centre_targets": False,
+        "models": copy.deepcopy(TISSUE_MODELS),
     },
     "hest": {"dataset": "hest", "dataset_options": {"task": "IDC"}, "scheme": "hest", "encoder": "efficientnet_lite0"},
 }

@@ -16,13 +16,14 @@ from histomoe_core.errors import HistoMoEError
 CODE_MODULES = (
     "histomoe_core.benchmark.config", "histomoe_core.benchmark.inputs", "histomoe_core.benchmark.models",
     "histomoe_core.benchmark.units", "histomoe_core.benchmark.results", "histomoe_core.benchmark.runner",
+    "histomoe_core.benchmark.panels", "histomoe_core.benchmark.selection",
     "histomoe_core.moe", "histomoe_core.train", "histomoe_core.baselines", "histomoe_core.evaluate", "histomoe_core.features", "histomoe_core.pca", "histomoe_core.data.genes",
     "histomoe_core.data.targets", "histomoe_core.data.splits",
 )
 RUN_VERSION = 1
 #: modules whose source decides one fit (a "unit"); bump UNIT_VERSION when the unit layout changes
 UNIT_MODULES = (
-    "histomoe_core.benchmark.units", "histomoe_core.moe", "histomoe_core.train", "histomoe_core.baselines",
+    "histomoe_core.benchmark.units", "histomoe_core.benchmark.selection", "histomoe_core.moe", "histomoe_core.train", "histomoe_core.baselines",
     "histomoe_core.evaluate", "histomoe_core.features", "histomoe_core.pca", "histomoe_core.data.targets",
 )
 UNIT_VERSION = 1
@@ -75,6 +76,10 @@ def load_inputs(cfg: BenchmarkConfig, *, progress: bool = True):
         from histomoe_core.data.splits import stratified_folds
 
         folds = stratified_folds(samples, cfg.k or 3, key=cfg.context_key)
+    elif cfg.scheme == "leave_context_out":
+        from histomoe_core.data.splits import leave_context_out
+
+        folds = leave_context_out(samples, key=cfg.context_key)
     else:
         folds = make_folds(samples, cfg.scheme, k=cfg.k)
     if cfg.gene_list and cfg.gene_list != "hest":

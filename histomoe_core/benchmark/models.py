@@ -60,6 +60,33 @@ MODELS: dict[str, dict] = {
     "histomoe": select(HISTOMOE_CANDIDATES),
 }
 
+#: the multi-tissue table (profile ``tissues``): targets are never section-centred there (sections differ by
+#: tissue, a real and predictable difference); one expert per context where a mixture ties experts to contexts
+CONTEXT_MOE = {"kind": "histomoe", "n_experts": "contexts", "pca_dim": 256, "centre": False}
+#: a frozen pooled ridge expert shared by every spot plus one linear correction expert per context, started at
+#: zero and shrunk toward it by weight decay: experts share what the tissues have in common
+SHARED_CONTEXT = {**CONTEXT_MOE, "expert": "linear", "shared_expert": True, "init": "ridge", "freeze_init": True}
+TISSUE_CANDIDATES = {
+    "shared_meta_guided": {**SHARED_CONTEXT, "router_input": "meta", "top_k": 1, "guide_weight": 0.1},
+    "shared_image": {**SHARED_CONTEXT, "router_input": "image"},
+    "anchored_image": {**ANCHORED, "centre": False},
+}
+TISSUE_MODELS: dict[str, dict] = {
+    "ridge_cv": {"kind": "ridge_cv", "centre": False},  # one pooled ridge over every context
+    "knn": {"kind": "knn", "centre": False},
+    "mlp": {**MLP, "centre": False},
+    "per_context": {"kind": "per_context", "centre": False},  # one ridge per context, told the context
+    # mixtures of MLP experts, one per context: routed by the image (free, soft), by the metadata with a guide
+    # loss tying each context to its expert (guided), or free top-2 routing on both with a balance loss (MoLF-like)
+    "moe_image": {**CONTEXT_MOE, "expert": "mlp", "hidden": 64, "router_input": "image"},
+    "moe_meta_guided": {**CONTEXT_MOE, "expert": "mlp", "hidden": 64, "router_input": "meta", "top_k": 1,
+                        "guide_weight": 0.1},
+    "moe_free_top2": {**CONTEXT_MOE, "expert": "mlp", "hidden": 64, "router_input": "both", "top_k": 2,
+                      "balance_weight": 0.05},
+    "shared_context": dict(TISSUE_CANDIDATES["shared_meta_guided"]),
+    "histomoe": None,  # set below: the inner-CV choice among TISSUE_CANDIDATES
+}
+
 #: ablations (book chapter 07): routing input, number of experts, top-k vs soft, and the MoE ideas tried
 ABLATIONS: dict[str, dict] = {
     # the fixed anchored MoE (one of histomoe's candidates)
@@ -213,3 +240,6 @@ def candidate_table(spec: Mapping[str, Any]) -> "pd.DataFrame":
     cands = spec["candidates"] if spec["kind"] == SELECT else {spec["kind"]: spec}
     return pd.DataFrame({"variant": list(cands), "what it is": [describe_model(c) for c in cands.values()]}
                         ).set_index("variant")
+
+
+TISSUE_MODELS["histomoe"] = select(TISSUE_CANDIDATES)

@@ -53,6 +53,12 @@ class BenchmarkRun:
         return self._read("per_section.csv")
 
     @property
+    def per_context(self) -> pd.DataFrame:
+        """Per (target, model, fold, seed, context): the context's HEST metric on its own panel (runs with
+        per-context panels; empty otherwise)."""
+        return self._read("per_context.csv") if (self.path / "per_context.csv").exists() else pd.DataFrame()
+
+    @property
     def selections(self) -> pd.DataFrame:
         """Inner-CV choices of the ``select`` models: target, fold, model, candidate, inner_pearson, chosen, ..."""
         path = self.path / "selections.csv"
@@ -152,7 +158,7 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
              selections: Mapping[tuple[str, str, str], Path] | None = None, notes: Mapping | None = None) -> None:
     from histomoe_core.evaluate import summarize
 
-    rows, genes, sections = [], [], []
+    rows, genes, sections, contexts = [], [], [], []
     chosen = selection_table(selections or {})
     picked = {(r.target, r.fold, r.model): r.candidate for r in chosen[chosen["chosen"]].itertuples()}
     with cache.atomic_dir(final) as tmp:
@@ -173,6 +179,8 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
                                      "selected": picked.get((target, fold.name, name), "")})
                         genes.append(pd.read_csv(src / "per_gene.csv").assign(**ident))
                         sections.append(pd.read_csv(src / "per_section.csv").assign(**ident))
+                        if (src / "per_context.csv").exists():
+                            contexts.append(pd.read_csv(src / "per_context.csv").assign(**ident))
                         pdir = tmp / "predictions" / target / name
                         pdir.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(src / "pred.npz", pdir / f"{fold.name}_seed{seed}.npz")
@@ -187,6 +195,9 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
         pg[ident_cols + [c for c in pg.columns if c not in ident_cols]].to_csv(tmp / "per_gene.csv", index=False)
         ps = pd.concat(sections, ignore_index=True)
         ps[ident_cols + [c for c in ps.columns if c not in ident_cols]].to_csv(tmp / "per_section.csv", index=False)
+        if contexts:
+            pc = pd.concat(contexts, ignore_index=True)
+            pc[ident_cols + [c for c in pc.columns if c not in ident_cols]].to_csv(tmp / "per_context.csv", index=False)
         summary = summarize(results)
         summary.to_csv(tmp / "summary.csv", index=False)
         (tmp / "summary.md").write_text(_summary_md(cfg, results, summary, seconds, chosen))

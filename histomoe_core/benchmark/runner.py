@@ -42,7 +42,7 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
         fit_pending(cfg, work.selection_jobs(), n_jobs=jobs, threads=threads, progress=progress, what="selection")
         done, fits = work.fit_jobs()
         fit_pending(cfg, fits, n_jobs=jobs, threads=threads, progress=progress)
-        assemble(cfg, folds, work.panels, done, final, key, time.perf_counter() - t_start,
+        assemble(cfg, folds, {k: p.table for k, p in work.panels.items()}, done, final, key, time.perf_counter() - t_start,
                  selections=work.selections, notes={"inner_cv_groups": inner_cv_groups(samples, folds)})
         write_index(index, final)
         return BenchmarkRun(final)

@@ -43,7 +43,8 @@ def select_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train,
         scores[cand] = []
         for tr, va in folds:
             est, _, _ = fit_model(cfg, f"{name}:{cand}", cspec, train.take(tr), seed=0)
-            scores[cand].append(hest_metric(train.y[va], predict_model(est, train.take(va))[0]))
+            val = train.take(va)
+            scores[cand].append(hest_metric(val.y, predict_model(est, val)[0], val.mask, val.scoring_context()))
     means = {c: float(np.mean(v)) for c, v in scores.items()}
     chosen = max(means, key=lambda c: (means[c], -list(means).index(c)))
     with cache.atomic_dir(out) as tmp:

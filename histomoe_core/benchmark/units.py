@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from histomoe_core import cache
 from histomoe_core.benchmark.config import BenchmarkConfig
 from histomoe_core.benchmark.inputs import UNIT_MODULES, UNIT_VERSION, normalise_embeddings
 from histomoe_core.benchmark.models import create_model, is_deterministic, is_selection
+from histomoe_core.benchmark.panels import fold_panels
 from histomoe_core.errors import HistoMoEError
 from histomoe_core.features import centre_sections
 
@@ -53,11 +53,14 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
     """Fit one model on one fold (one seed), score it, and write the unit folder."""
     import torch
 
-    from histomoe_core.evaluate import score
+    from histomoe_core.evaluate import context_scores, score
 
     est, centre, fit_s = fit_model(cfg, name, spec, train, seed=seed)
     pred, extra = predict_model(est, test)
-    metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes)
+    metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes, mask=test.mask,
+                                           context=test.scoring_context())
+    per_context = (context_scores(test.y, pred, test.context_names(), mask=test.mask, sections=test.sample)
+                   if test.mask is not None else None)
     info = {**(est.info() if hasattr(est, "info") else {}),
             **({"grid_edge": est.grid_warnings} if est.grid_warnings else {})}
     with cache.atomic_dir(unit) as tmp:
@@ -65,6 +68,8 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
                                                       "info": info}, default=float))
         per_gene.to_csv(tmp / "per_gene.csv")
         per_section.to_csv(tmp / "per_section.csv")
+        if per_context is not None:
+            per_context.to_csv(tmp / "per_context.csv")
         np.savez_compressed(tmp / "pred.npz", pred=pred, y=test.y, spot=test.spot, sample=test.sample,
                             genes=np.asarray(test.genes), **extra)
         if hasattr(est, "model"):
@@ -98,33 +103,28 @@ class Plan:
         self.inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, *digests,
                                         cfg.embedding_norm)
         self.code = cache.code_fingerprint(*UNIT_MODULES)
-        self.panels = {(t, f.name): self._panel(f, t) for t in cfg.targets for f in folds}
+        self.panels = {(t, f.name): fold_panels(samples, f, target=t, n_genes=cfg.n_genes, min_frac=cfg.min_frac,
+                                                rule=cfg.panel_rule, scope=cfg.panels, context_key=cfg.context_key,
+                                                fixed=fixed)
+                       for t in cfg.targets for f in folds}
         self._data: dict[tuple[str, str], tuple] = {}
         self.selections: dict[tuple[str, str, str], Path] = {}
 
-    def _panel(self, fold, target: str) -> pd.DataFrame:
-        from histomoe_core.data.genes import select_panel
-
-        if self.fixed is not None:
-            genes = list(self.fixed)
-            return pd.DataFrame({"rank": np.arange(1, len(genes) + 1)}, index=pd.Index(genes, name="gene"))
-        return select_panel([self.samples[i] for i in fold.train], n_genes=self.cfg.n_genes,
-                            min_frac=self.cfg.min_frac, rule=self.cfg.panel_rule, kind=target)
-
     def data(self, target: str, fold) -> tuple:
-        """(train, test) FoldData of a fold on its panel (cut once, only when a job needs it)."""
+        """(train, test) FoldData of a fold on its panel(s) (cut once, only when a job needs it)."""
         from histomoe_core.features import fold_arrays
 
         if (target, fold.name) not in self._data:
-            genes = self.panels[(target, fold.name)].index.tolist()
-            self._data[(target, fold.name)] = fold_arrays(self.table, self.samples, fold, genes=genes, kind=target)
+            p = self.panels[(target, fold.name)]
+            self._data[(target, fold.name)] = fold_arrays(self.table, self.samples, fold, genes=p.genes, kind=target,
+                                                          scored=None if p.by_context is None else p.scored)
         return self._data[(target, fold.name)]
 
     def _cells(self):
         for target in self.cfg.targets:
             for fold in self.folds:
                 for name, spec in self.cfg.models.items():
-                    yield target, fold, name, spec, self.panels[(target, fold.name)].index.tolist()
+                    yield target, fold, name, spec, self.panels[(target, fold.name)].key()
 
     def selection_jobs(self) -> list[Job]:
         from histomoe_core.benchmark.selection import select_unit, selection_key

@@ -34,6 +34,21 @@ def is_control_probe(name: str) -> bool:
     return bool(_CONTROL.search(str(name)))
 
 
+def gene_key(species: str | None, symbol: str) -> str:
+    """A gene's name in a collection that mixes species: ``"mouse:Actb"`` (bare symbol when species is None)."""
+    return f"{species}:{symbol}" if species else str(symbol)
+
+
+def symbol_of(key: str) -> str:
+    """The symbol of a gene key (:func:`gene_key`)."""
+    return str(key).split(":", 1)[1] if ":" in str(key) else str(key)
+
+
+def species_of(key: str) -> str | None:
+    """The species of a gene key, None for a bare symbol."""
+    return str(key).split(":", 1)[0] if ":" in str(key) else None
+
+
 def common_genes(samples: Sequence[Sample]) -> list[str]:
     """Genes measured in every sample, in the first sample's order."""
     shared = set(samples[0].adata.var_names)

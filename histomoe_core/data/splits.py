@@ -60,18 +60,30 @@ def make_folds(samples: SampleSet, scheme: str = "lopo", *, k: int | None = None
 
 
 def stratified_folds(samples, k: int, *, key: str = "organ"):
-    """``k`` patient-grouped folds in which every context (``meta[key]``) has held-out patients when it has at
-    least ``k`` patients: each context's patients are dealt round-robin over the folds."""
-    ctx = {}
+    """``k`` patient-grouped folds in which every context (``meta[key]``) with at least two patients has held-out
+    patients: each context's patients are dealt round-robin over the folds. A context with one patient (one
+    section) stays in training in every fold: it can be learnt from but not scored."""
+    ctx: dict[str, list[str]] = {}
     for s in samples:
-        ctx.setdefault(str(s.meta.get(key) or "unknown"), [])
-        if s.patient not in ctx[str(s.meta.get(key) or "unknown")]:
-            ctx[str(s.meta.get(key) or "unknown")].append(s.patient)
-    group = {p: i % k for pats in ctx.values() for i, p in enumerate(sorted(pats))}
+        pats = ctx.setdefault(str(s.meta.get(key) or "unknown"), [])
+        if s.patient not in pats:
+            pats.append(s.patient)
+    group = {p: i % k for pats in ctx.values() if len(pats) > 1 for i, p in enumerate(sorted(pats))}
     folds = []
     for i in range(k):
-        test = tuple(s.sample_id for s in samples if group[s.patient] == i)
-        train = tuple(s.sample_id for s in samples if group[s.patient] != i)
+        test = tuple(s.sample_id for s in samples if group.get(s.patient) == i)
+        train = tuple(s.sample_id for s in samples if group.get(s.patient) != i)
         if test and train:
             folds.append(Fold(f"fold{i}", train, test))
+    return folds
+
+
+def leave_context_out(samples, *, key: str = "organ", contexts=None):
+    """One fold per context (or per context in ``contexts``): all its sections held out, every other trained on."""
+    names = list(dict.fromkeys(str(s.meta.get(key) or "unknown") for s in samples))
+    folds = []
+    for c in names if contexts is None else [c for c in names if c in set(contexts)]:
+        test = tuple(s.sample_id for s in samples if str(s.meta.get(key) or "unknown") == c)
+        train = tuple(s.sample_id for s in samples if s.sample_id not in test)
+        folds.append(Fold("out_" + c.replace(" ", "_"), train, test))
     return folds
