@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from histomoe_core.errors import DataError
+from histomoe_core.errors import DataError, UnknownNameError
 
 #: metadata keys every source fills (others may be added freely)
 META_KEYS = ("organ", "cancer_type", "oncotree_code", "technology", "dataset")
@@ -90,7 +90,7 @@ class SampleSet:
             for s in self.samples:
                 if s.sample_id == key:
                     return s
-            raise KeyError(f"{self.name} has no sample {key!r}; samples: {', '.join(self.ids)}")
+            raise UnknownNameError(f"{self.name} has no sample {key!r}; samples: {', '.join(self.ids)}")
         return self.samples[key]
 
     @property
