@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HISTOMOE_OFFLINE", "0") if os.environ.get("HISTOMOE_OFFLINE") else os.environ.get("HF_HUB_OFFLINE", "0"))
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):  # every bar: ours, the hub's, and those of spawned workers
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         return int(args.func(args) or 0)
     except HistoMoEError as exc:
