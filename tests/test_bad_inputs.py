@@ -334,3 +334,160 @@ def test_summary_of_an_image_that_is_not_an_image(tmp_path):
 
     with pytest.raises(DataError, match=r"C2.*is corrupt or not an image .* fetch it again"):
         summary_table(SampleSet("her2st", [load_c2(root)]))
+
+
+# ------------------------------------------------------------------------------------------------ embedding cache
+
+
+def test_embedding_threads_are_fixed_and_part_of_the_key(tmp_path, monkeypatch):
+    """`embed` (2 threads) and `benchmark` (1 thread per fit) once stored different values under one key."""
+    import torch
+
+    from histomoe_core.embed import run_embedding
+    from test_embed import make_sample
+
+    s = make_sample(tmp_path / "img", seed=1)
+    monkeypatch.delenv("HISTOMOE_EMBED_THREADS", raising=False)
+    old = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2):  # the caller's thread limit, as `benchmark --threads 1` and `embed` set it
+            monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / f"cache{n}"))
+            torch.set_num_threads(n)
+            emb, st = run_embedding([s], "tiny", device="cpu", progress=False)
+            assert st.computed == ["S1"] and torch.get_num_threads() == n  # the caller's limit is restored
+            got[n] = emb["S1"], st.key
+    finally:
+        torch.set_num_threads(old)
+    assert got[1][1] == got[2][1]
+    np.testing.assert_array_equal(got[1][0], got[2][0])
+    keys = set()
+    for n in ("1", "2"):  # the threads the encoder runs with decide the key
+        monkeypatch.setenv("HISTOMOE_EMBED_THREADS", n)
+        keys.add(run_embedding([s], "tiny", device="cpu", progress=False)[1].key)
+    assert len(keys) == 2
+
+
+def test_a_second_embed_on_one_cache_waits_and_reuses(tmp_path, monkeypatch):
+    """While one run holds a sample's lock, a second waits; it then reads the first one's file, computing nothing."""
+    from histomoe_core.embed import run_embedding
+    from histomoe_core.embed_cache import embeddings_root, locked
+    from test_embed import make_sample
+
+    s = make_sample(tmp_path / "img", seed=2)
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / "first"))
+    ref, st = run_embedding([s], "tiny", device="cpu", progress=False)
+    [(finished, rel)] = [(p, p.relative_to(embeddings_root())) for p in embeddings_root().rglob("S1-*.npz")]
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / "shared"))
+    from histomoe_core.embed_cache import CacheEntry
+
+    entry = CacheEntry(s.sample_id, "", embeddings_root() / rel, embeddings_root() / rel.with_suffix(".part"))
+    second: dict = {}
+    with locked([entry]):  # "the first run", computing S1
+        t = threading.Thread(target=lambda: second.update(zip(("emb", "stats"), run_embedding(
+            [s], "tiny", device="cpu", progress=False))))
+        t.start()
+        time.sleep(2.0)
+        assert t.is_alive()  # waiting for the lock, not computing
+        shutil.copyfile(finished, entry.final)  # the first run finishes S1
+    t.join(60)
+    assert second["stats"].cached == ["S1"] and second["stats"].computed == [] and second["stats"].n_patches == 0
+    np.testing.assert_array_equal(second["emb"]["S1"], ref["S1"])
+
+
+# ------------------------------------------------------------------------------------------------ benchmark units
+
+SYN = dict(n_organs=3, patients_per_organ=3, spots_per_section=30, n_genes=30, patch_px=16)
+
+
+def test_corrupt_cached_units_are_recomputed_with_a_warning(tmp_path, monkeypatch):
+    import histomoe_core.benchmark as bm
+    from histomoe_core import paths
+    from histomoe_core.cache import CorruptArtifactWarning
+
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path / "home"))
+    kw = dict(dataset_options=SYN, text_encoder="onehot", seeds=(0,), targets=("log1p",), n_genes=8,
+              models={"ridge_cv": {"kind": "ridge_cv"}, "knn": {"kind": "knn"}}, progress=False)
+    first = bm.run_benchmark("synthetic", **kw)
+    units = sorted(p for p in (paths.cache_dir() / "benchmark_units").iterdir() if not p.name.startswith("."))
+    assert len(units) == 6 and all((u / "SHA256SUMS").is_file() for u in units)
+    pred = units[0] / "pred.npz"
+    raw = bytearray(pred.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # flipped bytes: BadZipFile when the run folder was read
+    pred.write_bytes(bytes(raw))
+    metrics = units[1] / "metrics.json"
+    metrics.write_text(metrics.read_text()[:10])  # truncated: JSONDecodeError with --force
+    with pytest.warns(CorruptArtifactWarning, match="benchmark unit .* is corrupt") as caught:
+        again = bm.run_benchmark("synthetic", force=True, **kw)
+    assert len([w for w in caught if issubclass(w.category, CorruptArtifactWarning)]) == 2
+    pd.testing.assert_frame_equal(again.results.drop(columns="fit_seconds"), first.results.drop(columns="fit_seconds"))
+    for fold in again.config["folds"]:
+        for model in ("ridge_cv", "knn"):
+            assert again.predictions(model, fold["name"])["pred"].shape[1] == 8
+    from histomoe_core.benchmark.results import _check_unit
+    from histomoe_core.errors import HistoMoEError
+
+    (units[2] / "per_gene.csv").write_text("changed after planning")
+    with pytest.raises(HistoMoEError, match="per_gene.csv changed"):
+        _check_unit(units[2])
+
+
+# ------------------------------------------------------------------------------------------------ orphaned workers
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Processes whose parent is ``pid``: {pid: command line}."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_benchmark_leaves_no_worker(sig, tmp_path_factory, tmp_path):
+    home = tmp_path_factory.getbasetemp() / "orphans_home"  # shared: the second run reuses data and embeddings
+    env = {**os.environ, "HISTOMOE_HOME": str(home), "PYTHONPATH": str(REPO)}
+    seeds = ["0", "1", "2"] if sig == signal.SIGKILL else ["3", "4", "5"]  # nothing cached by the other run
+    cmd = [sys.executable, "-m", "histomoe_core.cli", "benchmark", "synthetic", "--models", "mlp", "--targets",
+           "log1p", "--text-encoder", "onehot", "--jobs", "2", "--no-progress", "--seeds", *seeds]
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: orphaned workers would hold a pipe open
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+    kids: dict[int, str] = {}
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            kids = _children(proc.pid)
+            if sum("spawn_main" in c for c in kids.values()) >= 2:
+                break
+            time.sleep(0.2)
+        assert sum("spawn_main" in c for c in kids.values()) >= 2, (kids, proc.poll())
+        time.sleep(1.0)  # the workers are fitting
+        kids = _children(proc.pid)
+        os.kill(proc.pid, sig)
+        rc = proc.wait(30)
+        assert rc == (-sig if sig == signal.SIGKILL else 143), log.read_text()[-2000:]
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_alive(p) for p in kids):
+            time.sleep(0.2)
+        assert not [c for p, c in kids.items() if _alive(p)]  # workers and the resource tracker
+        if sig == signal.SIGTERM:
+            assert "Traceback" not in log.read_text()
+    finally:
+        for p in [proc.pid, *kids]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -40,7 +40,7 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
         pred = est.predict(test).astype(np.float32)
     metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes)
     info = est.info() if hasattr(est, "info") else {}
-    with cache.atomic_dir(unit) as tmp:
+    with cache.atomic_dir(unit, checksums=True) as tmp:  # verified by plan (cache.intact)
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "fit_seconds": fit_s, "centre": centre,
                                                       "info": info}, default=float))
         per_gene.to_csv(tmp / "per_gene.csv")
@@ -92,7 +92,7 @@ def plan(cfg: BenchmarkConfig, samples, folds, img, meta, fixed, digests: tuple[
                 for seed in cfg.seeds[:1] if det else cfg.seeds:
                     unit = cache.artifact_dir("benchmark_units", _unit_key(cfg, spec, inputs, code, target, fold,
                                                                             genes, None if det else seed))
-                    if not (unit / "metrics.json").exists():
+                    if not cache.intact(unit, "benchmark unit"):  # absent, or corrupt: removed, fit again
                         if data is None:
                             data = fold_arrays(table, samples, fold, genes=genes, kind=target)
                         pending.append(Pending(f"{target} {fold.name} {name} s{seed}", name, spec, data, seed, unit))
@@ -114,11 +114,12 @@ def fit_pending(cfg: BenchmarkConfig, pending: Sequence[Pending], *, n_jobs: int
                 fit_unit(cfg, p.name, p.spec, p.data[0], p.data[1], p.seed, p.unit)
                 bar.update()
             return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(pending)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+        from histomoe_core.workers import worker_pool
+
+        # workers end with this process (SIGKILL, SIGTERM, errors): see histomoe_core.workers
+        with worker_pool(min(n_jobs, len(pending)), initializer=_worker_init, initargs=(threads,)) as pool:
             futures = {pool.submit(fit_unit, cfg, p.name, p.spec, p.data[0], p.data[1], p.seed, p.unit): p
                        for p in pending}
             for f in as_completed(futures):
