@@ -184,6 +184,8 @@ def test_hest_commands_take_task_and_samples(hest_mirror):
     assert rc == 0 and "6/6 files ok" in out, out
     rc, out, err = cli("data", "verify", "hest1k", "--task", "LUNG", "--samples", "TENX118", "NOPE")
     assert rc == 0 and "3/3 files ok" in out  # the task's samples among those named
+    rc, out, err = cli("embed", "hest", "--task", "LUNG", "--encoder", "tiny", "--no-progress")
+    assert rc == 0 and "hest: 2 samples, 54 spots" in out, err
 
 
 # ------------------------------------------------------------------------------------------------ HEST data
@@ -222,6 +224,31 @@ def test_hest_sample_without_spots_is_a_clear_error(tmp_path):
             del f[k]
             f.create_dataset(k, data=data)
     with pytest.warns(UserWarning, match="dropping 5 spots"), pytest.raises(DataError, match="no patches"):
+        load_hest(root=root)
+
+
+def test_hest_spots_off_the_array_grid_are_flagged(tmp_path):
+    """A HEST sample with a Visium-like array grid: a moved spot or permuted spot ids are flagged."""
+    root = tmp_path / "hest1k"
+    write_hest_sample(root, "GRID1", 40, "p", 0)
+    st = root / "st" / "GRID1.h5ad"
+    a = ad.read_h5ad(st)
+    row, col = np.divmod(np.arange(a.n_obs), 8)
+    a.obs["array_row"], a.obs["array_col"] = row, 2 * col + row % 2  # hex lattice, as Visium numbers it
+    a.obsm["spatial"] = np.c_[300 + 50 * a.obs["array_col"], 400 + 86.6 * row].astype(float)
+    a.write_h5ad(st)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_hest(root=root)["GRID1"].meta["n_off_grid"] == 0
+    moved = a.copy()
+    moved.obsm["spatial"][7] += [120.0, 0.0]  # 1.2 pitches right, still on the image
+    moved.write_h5ad(st)
+    with pytest.warns(UserWarning, match=r"GRID1: 1 spots lie off the array grid"):
+        assert load_hest(root=root)["GRID1"].meta["n_off_grid"] == 1
+    permuted = a.copy()  # pixel positions permuted among three spots (ids and array positions kept)
+    permuted.obsm["spatial"][[3, 11, 20]] = a.obsm["spatial"][[11, 20, 3]]
+    permuted.write_h5ad(st)
+    with pytest.warns(UserWarning, match=r"GRID1: 3 spots lie off the array grid"):
         load_hest(root=root)
 
 

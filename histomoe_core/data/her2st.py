@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from histomoe_core.data.fetch import fetch
 from histomoe_core.data.manifests import load_manifest
-from histomoe_core.data.sample import Sample, SampleSet
+from histomoe_core.data.sample import GRID_TOLERANCE, Sample, SampleSet, grid_offsets
 from histomoe_core.data.sources import SOURCES
 from histomoe_core.errors import DataError
 
@@ -48,10 +48,6 @@ def read_spots(path: Path) -> pd.DataFrame:
     return df
 
 
-#: a spot further than this share of the spot pitch from the affine fit of pixels on array positions is refused
-GRID_TOLERANCE = 0.25
-
-
 def check_spot_grid(spots: pd.DataFrame, path: Path) -> None:
     """Refuse spot ids ``x, y`` that are not the spot's array position ``new_x, new_y`` (permuted ids), and pixel
     positions off the affine map from array positions to pixels (moved spots, permuted coordinates)."""
@@ -59,19 +55,7 @@ def check_spot_grid(spots: pd.DataFrame, path: Path) -> None:
     if bad_id.any():
         raise DataError(f"{path}: {int(bad_id.sum())} spot id(s) x, y are not their array position new_x, new_y "
                         f"(e.g. {list(spots.index[bad_id][:3])}); the ids were permuted or edited - fetch the file again")
-    if len(spots) < 4:
-        return
-    grid = np.c_[spots[["new_x", "new_y"]].to_numpy(float), np.ones(len(spots))]
-    px = spots[["pixel_x", "pixel_y"]].to_numpy(float)
-    keep = np.ones(len(spots), bool)
-    for _ in range(2):  # fit, then refit on the spots that follow the grid
-        coef = np.linalg.lstsq(grid[keep], px[keep], rcond=None)[0]
-        pitch = np.sqrt(abs(np.linalg.det(coef[:2]))) or 1.0  # pixels per array step
-        off = np.linalg.norm(grid @ coef - px, axis=1) / pitch
-        keep = off <= GRID_TOLERANCE
-        if keep.sum() < 4:
-            keep[:] = True
-            break
+    off = grid_offsets(spots[["new_x", "new_y"]].to_numpy(float), spots[["pixel_x", "pixel_y"]].to_numpy(float))
     moved = off > GRID_TOLERANCE
     if moved.any():
         worst = int(np.argmax(off))

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from histomoe_core import paths
 from histomoe_core.data.manifests import Manifest, load_manifest
-from histomoe_core.data.sample import Sample, SampleSet, validate_counts
+from histomoe_core.data.sample import GRID_TOLERANCE, Sample, SampleSet, grid_offsets, validate_counts
 from histomoe_core.data.sources import SOURCES
 from histomoe_core.data.splits import Fold
 from histomoe_core.errors import DataError, FetchError
@@ -397,6 +397,20 @@ def _patient(sample_id: str, meta: dict, groups: dict[str, str]) -> tuple[str, s
     return sample_id, "sample id (no patient in metadata)"
 
 
+def _off_grid(adata: ad.AnnData, sample_id: str) -> int:
+    """Spots whose pixel position is off the array grid (``array_row`` / ``array_col`` in obs: moved spots or
+    permuted ids), flagged with a warning; 0 where there is no grid."""
+    if not {"array_row", "array_col"} <= set(adata.obs.columns):
+        return 0
+    off = grid_offsets(adata.obs[["array_col", "array_row"]].to_numpy(float), adata.obsm["spatial"])
+    bad = adata.obs_names[off > GRID_TOLERANCE]
+    if len(bad):
+        warnings.warn(f"{sample_id}: {len(bad)} spots lie off the array grid (obsm['spatial'] more than "
+                      f"{GRID_TOLERANCE:g} spot pitch from where array_row / array_col put them, e.g. {list(bad[:3])}); "
+                      "their pixel positions were moved or their ids permuted (meta['n_off_grid'])", stacklevel=4)
+    return len(bad)
+
+
 def load_sample(
     root: Path, sample_id: str, *, unpatched: Literal["drop", "error"] = "drop", groups: dict[str, str] | None = None
 ) -> Sample:
@@ -431,6 +445,7 @@ def load_sample(
         adata = adata[adata.obs_names.isin(patched)].copy()
     if adata.n_obs == 0:
         raise DataError(f"{patch_path}: no patches, so sample {sample_id} has no spots left; fetch it again or leave it out")
+    n_off_grid = _off_grid(adata, sample_id)
     px = info.get("pixel_size_um_estimated", info.get("pixel_size_um_embedded"))
     try:
         px = float(px)
@@ -451,6 +466,7 @@ def load_sample(
         "patient_source": patient_source,
         "study": _study(info),
         "n_unpatched_dropped": len(lacking),
+        "n_off_grid": n_off_grid,
     }
     wsi = root / WSI_FILE.format(id=sample_id)
     return Sample(
