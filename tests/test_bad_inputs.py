@@ -76,6 +76,7 @@ def hest_mirror(hest_root, tmp_path, monkeypatch):
     (["data", "verify", "her2s"], ["unknown dataset 'her2s'", "her2st", "hest1k"]),
     (["benchmark", "her2st", "--text-encoder", "bert"], ["unknown --text-encoder 'bert'", "minilm", "onehot"]),
     (["embed", "her2st", "--task", "IDC"], ["--task applies to hest only"]),
+    (["benchmark", "her2st", "--task", "IDC"], ["--task applies to hest only"]),
 ])
 def test_unknown_names_are_one_line_errors_listing_the_known_ones(argv, parts):
     t0 = time.perf_counter()
@@ -130,6 +131,8 @@ def test_every_subcommand_has_a_description_an_example_and_help_on_every_option(
         assert "examples:" in (p.epilog or "") and name in p.epilog, name
         for a in p._actions:
             assert a.help, (name, a.dest)
+    rc, out, _ = cli("embed", "nope", "--no-progress")
+    assert rc == 2 and "TQDM_DISABLE" not in os.environ  # the option's environment ends with the command
     rc, out, _ = cli("data", "--help")
     assert rc == 0 and "dataset names: her2st, hest, hest1k, synthetic" in out
 

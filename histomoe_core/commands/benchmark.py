@@ -47,10 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args) -> int:
     from histomoe_core.benchmark import PROFILES, ablation_models, run_benchmark
-    from histomoe_core.commands.options import check_dataset, check_text_encoder
+    from histomoe_core.commands.options import check_dataset, check_text_encoder, selection_options
 
     check_dataset(args.dataset, PROFILES)
     check_text_encoder(args.text_encoder)
+    selection_options(PROFILES.get(args.dataset, {}).get("dataset", args.dataset), args.task, None)
 
     overrides = {
         "encoder": args.encoder, "text_encoder": args.text_encoder, "models": args.models, "seeds": args.seeds,
