@@ -185,8 +185,10 @@ def test_hest_commands_take_task_and_samples(hest_mirror):
     assert rc == 0 and out.strip() == str(hest_mirror), err
     rc, out, err = cli("data", "verify", "hest", "--samples", "TENX118", "TENX141")
     assert rc == 0 and "6/6 files ok" in out, out
-    rc, out, err = cli("data", "verify", "hest1k", "--task", "LUNG", "--samples", "TENX118", "NOPE")
-    assert rc == 0 and "3/3 files ok" in out  # the task's samples among those named
+    rc, out, err = cli("data", "verify", "hest1k", "--task", "LUNG", "--samples", "TENX118")
+    assert rc == 0 and "3/3 files ok" in out
+    one_line_error(*cli("data", "fetch", "hest1k", "--task", "LUNG", "--samples", "MISC7")[::2],
+                   "samples ['MISC7'] are not part of HEST-Bench task LUNG")
     rc, out, err = cli("embed", "hest", "--task", "LUNG", "--encoder", "tiny", "--no-progress")
     assert rc == 0 and "hest: 2 samples, 54 spots" in out, err
 

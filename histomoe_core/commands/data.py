@@ -75,11 +75,16 @@ def _manifest_name(name: str) -> str:
 def _hest_ids(args) -> list[str] | None:
     """Sample ids named by ``--task`` / ``--samples`` (None: the command's default)."""
     from histomoe_core.data.hest import hest_task
+    from histomoe_core.errors import DataError
 
     if args.task is None:
         return list(args.samples) if args.samples else None
-    ids = hest_task(args.task)["samples"]
-    return [i for i in ids if i in args.samples] if args.samples else ids
+    task = hest_task(args.task)
+    outside = sorted(set(args.samples or ()) - set(task["samples"]))
+    if outside:
+        raise DataError(f"samples {outside} are not part of HEST-Bench task {task['name']}; "
+                        f"its samples: {', '.join(task['samples'])}")
+    return list(args.samples) if args.samples else task["samples"]
 
 
 def _check_selection(args, manifest: str) -> None:
