@@ -131,9 +131,14 @@ def validate_counts(adata: ad.AnnData, *, where: str) -> None:
         raise DataError(f"{where}: duplicate spot ids, e.g. {adata.obs_names[adata.obs_names.duplicated()][0]!r}")
 
 
+#: a spot further than this many spot pitches from where its array position puts it is off the grid
+GRID_TOLERANCE = 0.25
+
+
 def grid_offsets(grid: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """Distance of each spot's pixel position from the affine map of array positions to pixels, in spot pitches
-    (the map is fitted, then refitted on the spots within :data:`GRID_TOLERANCE`); zeros for fewer than 4 spots."""
+    """Distance of each spot's pixel position from the affine map of array positions to pixels (fitted, then
+    refitted on the spots within :data:`GRID_TOLERANCE`), in pitches: the square root of the pixel area of one
+    array cell, the spot spacing on a square grid such as legacy ST. Zeros for fewer than 4 spots."""
     grid = np.c_[np.asarray(grid, float), np.ones(len(grid))]
     pixels = np.asarray(pixels, float)
     off = np.zeros(len(grid))
@@ -142,12 +147,7 @@ def grid_offsets(grid: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         if keep.sum() < 4:
             break
         coef = np.linalg.lstsq(grid[keep], pixels[keep], rcond=None)[0]
-        pitch = np.sqrt(abs(np.linalg.det(coef[:2]))) or 1.0  # pixels per array step
+        pitch = np.sqrt(abs(np.linalg.det(coef[:2]))) or 1.0  # sqrt of the pixel area of one array cell
         off = np.linalg.norm(grid @ coef - pixels, axis=1) / pitch
         keep = off <= GRID_TOLERANCE
     return off
-
-
-#: a spot further than this many spot pitches from where its array position puts it is off the grid
-GRID_TOLERANCE = 0.25
-
