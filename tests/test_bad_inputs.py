@@ -101,6 +101,14 @@ def test_numeric_options_are_checked_before_loading_anything(argv, option):
     assert time.perf_counter() - t0 < 2
 
 
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_bad_histomoe_jobs_is_refused_before_loading(value, monkeypatch):
+    monkeypatch.setenv("HISTOMOE_JOBS", value)
+    t0 = time.perf_counter()
+    one_line_error(*cli("benchmark", "her2st")[::2], "HISTOMOE_JOBS")
+    assert time.perf_counter() - t0 < 5
+
+
 def test_cuda_device_without_a_gpu_is_a_one_line_error():
     import torch
 

@@ -46,12 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from histomoe_core.benchmark import PROFILES, ablation_models, run_benchmark
+    from histomoe_core.benchmark import PROFILES, ablation_models, resolve_jobs, run_benchmark
     from histomoe_core.commands.options import check_dataset, check_text_encoder, selection_options
 
     check_dataset(args.dataset, PROFILES)
     check_text_encoder(args.text_encoder)
     selection_options(PROFILES.get(args.dataset, {}).get("dataset", args.dataset), args.task, None)
+    n_jobs = resolve_jobs(args.jobs)  # HISTOMOE_JOBS too, before anything is loaded
 
     overrides = {
         "encoder": args.encoder, "text_encoder": args.text_encoder, "models": args.models, "seeds": args.seeds,
@@ -65,7 +66,7 @@ def run(args) -> int:
     profile = args.dataset if args.dataset in PROFILES else {**PROFILES["her2st"], "dataset": args.dataset}
     if args.task:
         overrides["dataset_options"] = {"task": args.task}
-    run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, n_jobs=args.jobs,
+    run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, n_jobs=n_jobs,
                          force=args.force, **overrides)
     print(run_.summary_markdown())
     print(f"run folder: {run_.path}")
