@@ -3,6 +3,9 @@
 ``content_key(...)`` hashes JSON-able parts; ``code_fingerprint(*modules)`` hashes the source of the modules
 a stage depends on, so editing that code (and only that code) invalidates the stage's artifacts.
 Artifacts are written atomically: a directory is built under a temporary name and renamed into place.
+``atomic_dir(final, checksums=True)`` also records the sha256 of every file in ``final/SHA256SUMS``;
+:func:`intact` checks it, and removes (with a :class:`CorruptArtifactWarning`) a folder that fails, so the caller
+recomputes it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -71,13 +75,63 @@ def artifact_dir(kind: str, key: str) -> Path:
     return paths.cache_dir() / kind / key
 
 
+#: checksum manifest inside an artifact folder written with ``atomic_dir(..., checksums=True)``
+CHECKSUMS = "SHA256SUMS"
+
+
+class CorruptArtifactWarning(UserWarning):
+    """A cached artifact failed its checksums; it was removed and is recomputed."""
+
+
+def write_checksums(folder: Path) -> None:
+    """Record ``<sha256>  <relative path>`` of every file under ``folder`` in ``folder/SHA256SUMS``."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256sum(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def checksum_problems(folder: Path) -> list[str]:
+    """What is wrong with ``folder`` against its SHA256SUMS (empty: intact): a missing manifest, missing files,
+    changed files, or an unreadable manifest line."""
+    manifest = folder / CHECKSUMS
+    if not manifest.is_file():
+        return [f"no {CHECKSUMS}"]
+    problems = []
+    for line in manifest.read_text(errors="replace").splitlines():
+        digest, _, rel = line.partition("  ")
+        if len(digest) != 64 or not rel:
+            problems.append(f"bad {CHECKSUMS} line {line[:40]!r}")
+        elif not (folder / rel).is_file():
+            problems.append(f"{rel} is missing")
+        elif file_sha256(folder / rel) != digest:
+            problems.append(f"{rel} changed (sha256)")
+    return problems or ([] if manifest.stat().st_size else [f"empty {CHECKSUMS}"])
+
+
+def intact(folder: Path, what: str = "cached artifact") -> bool:
+    """True when ``folder`` exists and matches its SHA256SUMS; a folder that does not is removed with a
+    :class:`CorruptArtifactWarning` (the caller recomputes it). An absent folder is False, silently."""
+    if not folder.exists():
+        return False
+    problems = checksum_problems(folder)
+    if not problems:
+        return True
+    warnings.warn(f"{what} {folder} is corrupt ({'; '.join(problems[:3])}); removing it and recomputing",
+                  CorruptArtifactWarning, stacklevel=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``final`` in one rename, on error it is removed."""
+def atomic_dir(final: Path, *, checksums: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``final`` in one rename (with a SHA256SUMS of its
+    files when ``checksums``), on error it is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        if checksums:
+            write_checksums(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

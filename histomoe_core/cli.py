@@ -24,11 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HISTOMOE_OFFLINE", "0") if os.environ.get("HISTOMOE_OFFLINE") else os.environ.get("HF_HUB_OFFLINE", "0"))
     args = build_parser().parse_args(argv)
+    quiet = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} if getattr(args, "no_progress", False) else {}
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)  # every bar: ours, the hub's, and those of spawned workers
     try:
         return int(args.func(args) or 0)
     except HistoMoEError as exc:
         print(f"histomoe: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":

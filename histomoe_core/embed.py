@@ -27,7 +27,7 @@ from histomoe_core.data.patches import (  # noqa: F401  (open_slide, slide_batch
 )
 from histomoe_core.data.sample import Sample
 from histomoe_core.embed_cache import (
-    CacheEntry, encoder_key, finalize, read_card, read_chunks, read_final, write_card, write_chunk,
+    CacheEntry, encoder_key, finalize, locked, read_card, read_chunks, read_final, write_card, write_chunk,
 )
 from histomoe_core.encoders import TextEncoder, VisionEncoder, create_encoder, create_text_encoder, metadata_text
 
@@ -83,6 +83,38 @@ def malloc_for_inference() -> Iterator[Callable[[], None]]:
 def precision_for(device: torch.device) -> str:
     """bf16 autocast on GPU, fp32 on CPU (the precision is part of the cache key)."""
     return "bf16" if device.type == "cuda" else "fp32"
+
+
+def embed_threads(device: torch.device) -> int | None:
+    """CPU threads the encoder runs with (part of the cache key; None on a GPU): ``HISTOMOE_EMBED_THREADS``, else
+    the usable CPUs up to 16. Fixed whatever thread limits the caller set, so ``histomoe embed`` and a benchmark
+    (1 thread per fit) compute, and share, the same vectors."""
+    import os
+
+    if device.type != "cpu":
+        return None
+    env = os.environ.get("HISTOMOE_EMBED_THREADS")
+    if env:
+        return max(int(env), 1)
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n, 16))
+
+
+@contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """torch and BLAS use exactly ``threads`` threads inside (no-op for None)."""
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def dist_info() -> tuple[int, int]:
@@ -307,14 +339,15 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
         if isinstance(encoder, str):
             write_card(encoder, enc)
     name, dim = card["name"], int(card["embed_dim"])
-    key = encoder_key(card["cache_id"], spec, precision)
+    threads = embed_threads(dev)
+    key = encoder_key(card["cache_id"], spec, precision, threads)
     stats = EmbedStats(encoder=name, key=key, pretrained=bool(card.get("pretrained", False)))
     rank, world = dist_info()
 
     result: dict[str, np.ndarray] = {}
     todo: list[_Job] = []
     for s in samples:
-        entry = CacheEntry.of(s, name, key)
+        entry = CacheEntry.of(s, name, key, spec)
         cached = read_final(entry, s, dim)
         if cached is not None:
             result[s.sample_id] = cached
@@ -333,13 +366,15 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
         enc = enc.to(dev).eval().to(memory_format=torch.channels_last)
     _barrier()  # every rank has planned before any rank writes
     mine = shard(todo, rank, world) if world > 1 else todo
-    t0 = time.perf_counter()
     computed: dict[str, np.ndarray] = {}
-    if mine:
-        with malloc_for_inference() if dev.type == "cpu" else nullcontext(lambda: None) as trim:
-            computed = _run(mine, enc, spec, batch_size=batch_size, device=dev, progress=progress and rank == 0,
-                            stats=stats, between_samples=trim)
-    stats.seconds = time.perf_counter() - t0
+    with locked([j.entry for j in mine], on_wait=_waiting):
+        mine = _replan(mine, dim, result, stats)  # another run may have finished some while this one waited
+        t0 = time.perf_counter()
+        if mine:
+            with malloc_for_inference() if dev.type == "cpu" else nullcontext(lambda: None) as trim, fixed_threads(threads):
+                computed = _run(mine, enc, spec, batch_size=batch_size, device=dev, progress=progress and rank == 0,
+                                stats=stats, between_samples=trim)
+        stats.seconds = time.perf_counter() - t0
     result.update(computed)
     _barrier()  # every rank's files are in place
     for job in todo:
@@ -349,6 +384,30 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
                 raise RuntimeError(f"{job.sample.sample_id}: no embeddings after the run (another rank failed?)")
             result[job.sample.sample_id] = arr
     return {i: result[i] for i in ids}, stats
+
+
+def _waiting(sample_id: str) -> None:
+    import sys
+
+    print(f"[embed] {sample_id}: another run is embedding it into this cache; waiting to reuse its result",
+          file=sys.stderr)
+
+
+def _replan(jobs: Sequence[_Job], dim: int, result: dict[str, np.ndarray], stats: EmbedStats) -> list[_Job]:
+    """Jobs still to compute once their locks are held: finished files are read, chunks read again."""
+    out = []
+    for job in jobs:
+        sid = job.sample.sample_id
+        arr = read_final(job.entry, job.sample, dim)
+        if arr is not None:
+            result[sid] = arr
+            for lst in (stats.computed, stats.resumed):
+                if sid in lst:
+                    lst.remove(sid)
+            stats.cached.append(sid)
+            continue
+        out.append(_Job(job.sample, job.entry, job.expected, *read_chunks(job.entry, dim)))
+    return out
 
 
 def embed_samples(samples: Iterable[Sample], encoder: str | VisionEncoder = "efficientnet_lite0", *,

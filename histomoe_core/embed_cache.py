@@ -15,7 +15,8 @@ the cache). A changed input gives a new file name, so stale vectors are never re
 
 Every file is written to a temporary name and renamed into place, and carries its full key; a file that
 cannot be read, has the wrong key, wrong shape, non-finite values or unknown spot ids is deleted and
-recomputed. A run killed mid-sample keeps its finished chunks and recomputes only the rest.
+recomputed. A run killed mid-sample keeps its finished chunks and recomputes only the rest. Computing a sample
+holds ``<sample_id>-<sample_key>.npz.lock`` (:func:`locked`), so a second run on the same cache waits and reuses.
 """
 from __future__ import annotations
 
@@ -27,14 +28,16 @@ import tempfile
 import uuid
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from histomoe_core import paths
 from histomoe_core.cache import code_fingerprint, content_key, file_sha256
-from histomoe_core.data.patches import PatchSpec
+from histomoe_core.data.patches import PatchSpec, patch_source
 from histomoe_core.data.sample import Sample
 from histomoe_core.encoders.base import VisionEncoder
 
@@ -50,19 +53,21 @@ def embeddings_root() -> Path:
     return paths.cache_dir() / "embeddings"
 
 
-def encoder_key(encoder: VisionEncoder | dict, spec: PatchSpec, precision: str) -> str:
+def encoder_key(encoder: VisionEncoder | dict, spec: PatchSpec, precision: str, threads: int | None = None) -> str:
     """Key of an encoder's embeddings: its ``cache_id()`` (or that dict itself), the patch spec, the precision,
+    the CPU threads the encoder ran with (CPU kernels sum in a thread-dependent order; None on a GPU),
     the patch-cropping code and the format version."""
     ident = encoder if isinstance(encoder, dict) else encoder.cache_id()
     return content_key({
-        "encoder": ident, "spec": spec.as_dict(), "precision": precision,
+        "encoder": ident, "spec": spec.as_dict(), "precision": precision, "threads": threads,
         "patch_code": code_fingerprint("histomoe_core.data.patches"), "format": FORMAT_VERSION,
     })
 
 
-def sample_content_key(sample: Sample) -> str:
-    """Hash of what decides a sample's patches: image bytes, spot ids, coordinates, pixel size (not paths)."""
-    src = sample.image_path if sample.image_path is not None else sample.patches_path
+def sample_content_key(sample: Sample, spec: PatchSpec = PatchSpec()) -> str:
+    """Hash of what decides a sample's patches: the bytes of the file they are read from (slide or HEST patch
+    file, :func:`~histomoe_core.data.patches.patch_source`), spot ids, coordinates, pixel size (not paths)."""
+    src = patch_source(sample, spec)
     file_hash = file_sha256(Path(src)) if src is not None else None
     coords = np.round(sample.coords, 4).astype("<f8")
     return content_key({
@@ -86,8 +91,8 @@ class CacheEntry:
     part_dir: Path
 
     @classmethod
-    def of(cls, sample: Sample, enc_name: str, enc_key: str) -> "CacheEntry":
-        skey = sample_content_key(sample)
+    def of(cls, sample: Sample, enc_name: str, enc_key: str, spec: PatchSpec = PatchSpec()) -> "CacheEntry":
+        skey = sample_content_key(sample, spec)
         folder = embeddings_root() / f"{_slug(enc_name)}-{enc_key}"
         stem = f"{_slug(sample.sample_id)}-{skey}"
         return cls(sample.sample_id, f"{enc_key}/{skey}", folder / f"{stem}.npz", folder / f"{stem}.part")
@@ -162,6 +167,29 @@ def read_chunks(entry: CacheEntry, embed_dim: int) -> tuple[np.ndarray, np.ndarr
     if not idx:
         return np.zeros(0, np.int64), np.zeros((0, embed_dim), np.float32)
     return np.concatenate(idx), np.concatenate(emb)
+
+
+@contextmanager
+def locked(entries: Sequence[CacheEntry], on_wait: Callable[[str], None] = lambda sample_id: None) -> Iterator[None]:
+    """Hold an exclusive lock per entry (``<final>.lock``, taken in path order so two holders cannot deadlock):
+    a second embedding of the same (encoder key, sample) waits here, then finds the finished file."""
+    import fcntl
+
+    fds: list[int] = []
+    try:
+        for e in sorted(entries, key=lambda e: str(e.final)):
+            e.final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(e.final.with_name(e.final.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait(e.sample_id)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing the descriptor releases its lock
 
 
 def write_chunk(entry: CacheEntry, idx: np.ndarray, emb: np.ndarray) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
 
+from histomoe_core.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -27,7 +29,7 @@ class Registry(Generic[T]):
         try:
             return self._factories[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.list())}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.list())}") from None
 
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)

@@ -172,6 +172,7 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
                     det = is_deterministic(spec)
                     for seed in cfg.seeds:
                         src = units[(target, fold.name, name, seed)]
+                        _check_unit(src)
                         m = json.loads((src / "metrics.json").read_text())
                         ident = {"target": target, "model": name, "fold": fold.name, "seed": seed}
                         info = m.pop("info", {})
@@ -205,6 +206,14 @@ def assemble(cfg: BenchmarkConfig, folds, panels: Mapping[tuple[str, str], pd.Da
             "config": cfg.as_dict(), "key": key, "folds": [f.as_dict() for f in folds], "seconds": seconds,
             "versions": _versions(), "layout_version": RUN_VERSION, **dict(notes or {}),
         }, indent=2, default=str))
+
+
+def _check_unit(src: Path) -> None:
+    """Refuse a unit folder that changed since :meth:`~histomoe_core.benchmark.units.Plan.fit_jobs` verified it."""
+    problems = cache.checksum_problems(src)
+    if problems:
+        raise HistoMoEError(f"benchmark unit {src} is corrupt ({'; '.join(problems[:3])}); run the benchmark "
+                            "again to recompute it")
 
 
 def _summary_md(cfg: BenchmarkConfig, results: pd.DataFrame, summary: pd.DataFrame, seconds: float,

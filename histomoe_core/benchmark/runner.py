@@ -69,13 +69,17 @@ def resolve_jobs(n_jobs: int | None) -> int:
     if n_jobs is None:
         env = os.environ.get("HISTOMOE_JOBS")
         if env:
-            n_jobs = int(env)
+            try:
+                n_jobs = int(env)
+            except ValueError:
+                raise HistoMoEError(f"HISTOMOE_JOBS={env!r} is not a number of worker processes; set it to 1 or more "
+                                    "or unset it") from None
         elif torch.cuda.is_available():
             n_jobs = 1
         else:
             n_jobs = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
     if n_jobs < 1:
-        raise HistoMoEError(f"n_jobs must be >= 1, got {n_jobs}")
+        raise HistoMoEError(f"n_jobs (--jobs, HISTOMOE_JOBS) must be >= 1, got {n_jobs}")
     return int(n_jobs)
 
 

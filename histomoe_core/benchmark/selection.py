@@ -47,7 +47,7 @@ def select_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train,
             scores[cand].append(hest_metric(val.y, predict_model(est, val)[0], val.mask, val.scoring_context()))
     means = {c: float(np.mean(v)) for c, v in scores.items()}
     chosen = max(means, key=lambda c: (means[c], -list(means).index(c)))
-    with cache.atomic_dir(out) as tmp:
+    with cache.atomic_dir(out, checksums=True) as tmp:
         (tmp / "selection.json").write_text(json.dumps({
             "model": name, "chosen": chosen, "spec": spec["candidates"][chosen], "mean": means, "scores": scores,
             "inner_cv_groups": inner_group_by(train), "n_inner_folds": len(folds),

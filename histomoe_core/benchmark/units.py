@@ -63,7 +63,7 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
                    if test.mask is not None else None)
     info = {**(est.info() if hasattr(est, "info") else {}),
             **({"grid_edge": est.grid_warnings} if est.grid_warnings else {})}
-    with cache.atomic_dir(unit) as tmp:
+    with cache.atomic_dir(unit, checksums=True) as tmp:  # verified by Plan.fit_jobs (cache.intact)
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "fit_seconds": fit_s, "centre": centre,
                                                       "info": info}, default=float))
         per_gene.to_csv(tmp / "per_gene.csv")
@@ -136,7 +136,7 @@ class Plan:
             out = cache.artifact_dir("benchmark_selections", selection_key(
                 self.cfg, spec, self.inputs, self.code, target, fold, genes))
             self.selections[(target, fold.name, name)] = out
-            if not (out / "selection.json").exists():
+            if not cache.intact(out, "model selection"):
                 jobs.append(Job(f"{target} {fold.name} {name} inner CV", select_unit,
                                 (self.cfg, name, spec, self.data(target, fold)[0], out)))
         return jobs
@@ -157,7 +157,7 @@ class Plan:
             for seed in self.cfg.seeds[:1] if det else self.cfg.seeds:
                 unit = cache.artifact_dir("benchmark_units", unit_key(self.cfg, spec, self.inputs, self.code, target,
                                                                       fold, genes, None if det else seed))
-                if not (unit / "metrics.json").exists() and unit not in planned:
+                if unit not in planned and not cache.intact(unit, "benchmark unit"):
                     planned.add(unit)
                     train, test = self.data(target, fold)
                     jobs.append(Job(f"{target} {fold.name} {name} s{seed}", fit_unit,
@@ -180,11 +180,12 @@ def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threa
                 j.fn(*j.args)
                 bar.update()
             return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+        from histomoe_core.workers import worker_pool
+
+        # workers end with this process (SIGKILL, SIGTERM, errors): see histomoe_core.workers
+        with worker_pool(min(n_jobs, len(jobs)), initializer=_worker_init, initargs=(threads,)) as pool:
             futures = {pool.submit(j.fn, *j.args): j for j in jobs}
             for f in as_completed(futures):
                 if f.exception() is not None:

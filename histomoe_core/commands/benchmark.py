@@ -1,10 +1,11 @@
 """``histomoe benchmark DATASET --encoder NAME``: every model on the same folds, panels and embeddings.
 
-    histomoe benchmark her2st --encoder efficientnet_lite0
-    histomoe benchmark synthetic --encoder tiny --seeds 0
-    histomoe benchmark hest --task IDC --encoder hf-hub:MahmoodLab/UNI --gene-list hest
-    histomoe benchmark her2st --models ridge_cv knn histomoe --targets log1p
-    histomoe benchmark her2st --ablations --targets log1p
+examples:
+  histomoe benchmark her2st --encoder efficientnet_lite0
+  histomoe benchmark synthetic --encoder tiny --seeds 0
+  histomoe benchmark hest --task IDC --encoder hf-hub:MahmoodLab/UNI --gene-list hest
+  histomoe benchmark her2st --models ridge_cv knn histomoe --targets log1p
+  histomoe benchmark her2st --ablations --targets log1p
 
 DATASET names a profile (her2st, synthetic, hest; see ``histomoe_core.benchmark.PROFILES``). A re-run with
 nothing changed prints the finished run's summary at once; an interrupted run resumes.
@@ -15,16 +16,22 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="run every model on the same folds / genes / embeddings; write tables")
-    p.add_argument("dataset", help="profile: her2st, synthetic or hest")
+    from histomoe_core.commands.options import HELP, nonneg_int, positive_int
+
+    p = sub.add_parser("benchmark", help="run every model on the same folds / genes / embeddings; write tables",
+                       description="Fit every model on the same patient folds, gene panels and embeddings, over "
+                       "several seeds, and write the run folder (results, summary, predictions).",
+                       epilog=__doc__.split("\n\n", 1)[1], **HELP)
+    p.add_argument("dataset", help="profile (her2st, synthetic, hest) or any dataset name (see `histomoe data list`)")
     p.add_argument("--encoder", default=None, help="vision encoder (default: the profile's)")
     p.add_argument("--text-encoder", default=None, help="metadata encoder: minilm or onehot")
     p.add_argument("--task", default=None, help="HEST-Bench task for the hest profile (e.g. IDC)")
     p.add_argument("--models", nargs="+", default=None, help="subset of models (default: the profile's)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--targets", nargs="+", default=None, choices=["log1p", "log1p_norm"])
+    p.add_argument("--targets", nargs="+", default=None, choices=["log1p", "log1p_norm"],
+                   help="target kinds (default: the profile's; log1p = log1p of raw counts, log1p_norm = of library-size normalised counts)")
     p.add_argument("--folds", nargs="+", default=None, help="only these folds (e.g. test_B)")
-    p.add_argument("--n-genes", type=int, default=None)
+    p.add_argument("--n-genes", type=positive_int, default=None, help="genes per panel, chosen on each training fold (default 50)")
     p.add_argument("--gene-list", default=None, help="fixed gene list file, or 'hest' for the task's shipped list")
     p.add_argument("--panel-rule", choices=["hest", "variance"], default=None,
                    help="gene panel rule on each fold's training sections (default hest: scanpy seurat HVG)")
@@ -32,16 +39,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-norm", choices=["none", "section"], default=None,
                    help="centre embeddings per section (every model alike); transductive: reads the test images")
     p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 07)")
-    p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--threads", type=nonneg_int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="fits run at once in worker processes (default: $HISTOMOE_JOBS, else the usable CPUs up to 8, or 1 with a GPU)")
     p.add_argument("--force", action="store_true", help="recompute even when a finished run exists")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from histomoe_core.benchmark import PROFILES, ablation_models, run_benchmark
+    from histomoe_core.benchmark import PROFILES, ablation_models, resolve_jobs, run_benchmark
+    from histomoe_core.commands.options import check_dataset, check_text_encoder, selection_options
+
+    check_dataset(args.dataset, PROFILES)
+    check_text_encoder(args.text_encoder)
+    selection_options(PROFILES.get(args.dataset, {}).get("dataset", args.dataset), args.task, None)
+    n_jobs = resolve_jobs(args.jobs)  # HISTOMOE_JOBS too, before anything is loaded
 
     overrides = {
         "encoder": args.encoder, "text_encoder": args.text_encoder, "models": args.models, "seeds": args.seeds,
@@ -55,7 +68,7 @@ def run(args) -> int:
     profile = args.dataset if args.dataset in PROFILES else {**PROFILES["her2st"], "dataset": args.dataset}
     if args.task:
         overrides["dataset_options"] = {"task": args.task}
-    run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, n_jobs=args.jobs,
+    run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, n_jobs=n_jobs,
                          force=args.force, **overrides)
     print(run_.summary_markdown())
     print(f"run folder: {run_.path}")

@@ -1,4 +1,10 @@
-"""``histomoe book [--profile P] [--chapter NN ...] [-p key=value ...]``: execute the chapters and render the book."""
+"""``histomoe book [--profile P] [--chapter NN ...] [-p key=value ...]``: execute the chapters and render the book.
+
+examples:
+  histomoe book --profile smoke --keep-going
+  histomoe book --chapter 05 -p seed=1 --no-html
+  histomoe book --list
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "book", help="execute the book's chapters with papermill and render the HTML (Jupyter Book)",
         description="Execute every chapter (or those given with --chapter) with the profile's parameters, "
         "reusing cached executions whose inputs did not change, then build book/_build/html.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--profile", default="her2st", help="book/configs/<profile>.yaml: smoke, her2st (default) or hest")
     p.add_argument("--chapter", "-c", action="append", metavar="NN", help="only this chapter (number or slug); repeatable")

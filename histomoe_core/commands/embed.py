@@ -1,7 +1,10 @@
 """``histomoe embed DATASET --encoder NAME``: fill the embedding cache (resumable; works under torchrun).
 
-    histomoe embed her2st --encoder efficientnet_lite0
-    python -m torch.distributed.run --nproc_per_node 2 -m histomoe_core.cli embed her2st --encoder tiny
+examples:
+  histomoe embed her2st --encoder efficientnet_lite0
+  histomoe embed her2st --samples A1 B1 --batch-size 32 --no-progress
+  histomoe embed hest --task LUNG --encoder hf-hub:MahmoodLab/UNI
+  python -m torch.distributed.run --nproc_per_node 2 -m histomoe_core.cli embed her2st --encoder tiny
 """
 from __future__ import annotations
 
@@ -11,31 +14,29 @@ import time
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed every spot of a dataset into the cache (resumable, torchrun-aware)")
-    p.add_argument("dataset", help="dataset name, e.g. her2st")
+    from histomoe_core.commands.options import HELP, add_selection, positive_float, positive_int
+
+    p = sub.add_parser("embed", help="embed every spot of a dataset into the cache (resumable, torchrun-aware)",
+                       description="Embed the patch of every spot with a vision encoder into the embedding cache; "
+                       "a re-run reads the cache, a killed run resumes.", epilog=__doc__.split("\n\n", 1)[1], **HELP)
+    p.add_argument("dataset", help="dataset name (see `histomoe data list`), e.g. her2st, hest, synthetic")
     p.add_argument("--encoder", default="efficientnet_lite0",
                    help="efficientnet_lite0/1/2, tiny, any timm name (random init) or hf-hub:org/name")
-    p.add_argument("--sections", nargs="+", default=None, help="only these sample ids")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--size-um", type=float, default=None, help="patch width in micrometres (default 112)")
-    p.add_argument("--out-px", type=int, default=None, help="patch size in pixels fed to the encoder (default 224)")
+    add_selection(p)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="patches per encoder call (default 64)")
+    p.add_argument("--size-um", type=positive_float, default=None, help="patch width in micrometres (default 112)")
+    p.add_argument("--out-px", type=positive_int, default=None, help="patch size in pixels fed to the encoder (default 224)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if available)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def _load(name: str, sections):
-    from histomoe_core.data import load_dataset
-
-    if sections is None:
-        return load_dataset(name)
-    try:
-        return load_dataset(name, sections=sections)
-    except TypeError:  # sources without a sections option
-        return load_dataset(name).subset(sections)
-
-
 def run(args) -> int:
+    from histomoe_core.commands.options import check_dataset, check_device, load_selected, selection_options
+
+    check_dataset(args.dataset)
+    selection_options(args.dataset, args.task, args.samples)
+    check_device(args.device)
     import torch.distributed as dist
 
     from histomoe_core.data.patches import PatchSpec
@@ -47,7 +48,7 @@ def run(args) -> int:
         started_group = True
     try:
         t0 = time.perf_counter()
-        samples = _load(args.dataset, args.sections)
+        samples = load_selected(args.dataset, args.task, args.samples)
         spec = PatchSpec(**{k: v for k, v in (("size_um", args.size_um), ("out_px", args.out_px)) if v is not None})
         emb, stats = run_embedding(samples, args.encoder, spec=spec, batch_size=args.batch_size, device=args.device,
                                    progress=not args.no_progress)

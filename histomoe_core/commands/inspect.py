@@ -4,6 +4,10 @@ For each fold, the fold's trained MoE is applied to every section (``tl.fold_ada
 chapter 05 are written: expert usage, gate entropy, agreement tables, per held-out section the expert map, gate
 maps and measured-vs-predicted maps (PNG), interactive explorers (offline HTML), per-gene Pearson bars against
 the run's other models, and ``index.md`` naming every file and what it shows.
+
+examples:
+  histomoe inspect her2st-efficientnet_lite0-0123456789abcdef
+  histomoe inspect runs/her2st-tiny-0123456789abcdef --fold test_B --no-html --out /tmp/inspect
 """
 from __future__ import annotations
 
@@ -16,15 +20,18 @@ COMPARE = ("ridge_cv", "knn", "mlp", "ridge_hest")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from histomoe_core.commands.options import nonneg_int, positive_int
+
     p = sub.add_parser("inspect", help="routing and gene figures for a finished benchmark run",
-                       description=__doc__.split("\n\n")[1])
+                       description=__doc__.split("\n\n")[1], epilog=__doc__.split("\n\n")[2],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder name under the runs directory, or a path to it")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: ./inspect-<run name>)")
     p.add_argument("--model", default="histomoe", help="the MoE model of the run to open (default: histomoe)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of the model (default: 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="training seed of the model (default: 0)")
     p.add_argument("--target", default=None, help="target kind (default: the run's first)")
     p.add_argument("--fold", action="append", help="only this fold; repeatable (default: every fold)")
-    p.add_argument("--genes", type=int, default=3, help="genes mapped as measured vs predicted per section")
+    p.add_argument("--genes", type=positive_int, default=3, help="genes mapped as measured vs predicted per section")
     p.add_argument("--no-html", action="store_true", help="skip the interactive HTML explorers")
     p.set_defaults(func=_run)
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from histomoe_core.data.sample import Sample
 from histomoe_core.data.targets import dense, make_targets
+from histomoe_core.errors import DataError
 
 
 PANEL_RULES = ("hest", "variance")
@@ -80,8 +81,8 @@ def select_panel(
     frac = expressed_fraction(train, genes).min(axis=1)
     eligible = frac.index[frac >= min_frac].tolist()
     if len(eligible) < n_genes:
-        raise ValueError(f"only {len(eligible)} genes are expressed in >= {min_frac:.0%} of spots of every "
-                         f"training sample; ask for at most that many genes (n_genes)")
+        raise DataError(f"only {len(eligible)} genes are expressed in >= {min_frac:.0%} of spots of every "
+                        f"training sample; ask for at most that many (--n-genes {len(eligible)} or fewer)")
     score = _hest_dispersion(train, eligible) if rule == "hest" else _target_variance(train, eligible, kind)
     top = score.sort_values(ascending=False, kind="stable").index[:n_genes]
     return pd.DataFrame({"score": score[top], "min_expressed_frac": frac[top], "rank": np.arange(1, n_genes + 1),

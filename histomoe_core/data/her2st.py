@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from histomoe_core.data.fetch import fetch
 from histomoe_core.data.manifests import load_manifest
-from histomoe_core.data.sample import Sample, SampleSet, tag_species
+from histomoe_core.data.sample import GRID_TOLERANCE, Sample, SampleSet, grid_offsets, tag_species
 from histomoe_core.data.sources import SOURCES
 from histomoe_core.errors import DataError
 
@@ -27,6 +27,8 @@ def read_counts(path: Path) -> pd.DataFrame:
     except (OSError, EOFError, ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: cannot read counts ({exc}); fetch the file again") from exc
     df.index = df.index.astype(str)
+    if df.empty:
+        raise DataError(f"{path}: no spots (a header and no count rows); fetch the file again")
     non_numeric = [c for c, t in df.dtypes.items() if not np.issubdtype(t, np.number)]
     if non_numeric:
         raise DataError(f"{path}: non-numeric count columns {non_numeric[:3]}")
@@ -44,6 +46,22 @@ def read_spots(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: missing columns {sorted(need - set(df.columns))}")
     df.index = [f"{x}x{y}" for x, y in zip(df["x"], df["y"])]
     return df
+
+
+def check_spot_grid(spots: pd.DataFrame, path: Path) -> None:
+    """Refuse spot ids ``x, y`` that are not the spot's array position ``new_x, new_y`` (permuted ids), and pixel
+    positions off the affine map from array positions to pixels (moved spots, permuted coordinates)."""
+    bad_id = ((spots["x"] - spots["new_x"]).abs() > 0.5) | ((spots["y"] - spots["new_y"]).abs() > 0.5)
+    if bad_id.any():
+        raise DataError(f"{path}: {int(bad_id.sum())} spot id(s) x, y are not their array position new_x, new_y "
+                        f"(e.g. {list(spots.index[bad_id][:3])}); the ids were permuted or edited - fetch the file again")
+    off = grid_offsets(spots[["new_x", "new_y"]].to_numpy(float), spots[["pixel_x", "pixel_y"]].to_numpy(float))
+    moved = off > GRID_TOLERANCE
+    if moved.any():
+        worst = int(np.argmax(off))
+        raise DataError(f"{path}: {int(moved.sum())} spot(s) lie off the array grid (pixel_x, pixel_y more than "
+                        f"{GRID_TOLERANCE:g} spot pitch from where new_x, new_y put them; {spots.index[worst]} is "
+                        f"{off[worst]:.2f} pitch off); their pixel positions were moved - fetch the file again")
 
 
 def grid_pixel_size(spots: pd.DataFrame, scale: float) -> float:
@@ -92,6 +110,7 @@ def load_section(root: Path, section: str, info: dict, base_meta: dict, clinical
             f"{spots_path}: {len(missing)} count rows have no coordinates (e.g. {list(missing[:3])}); "
             "counts and coordinates do not match"
         )
+    check_spot_grid(spots, spots_path)
     spots = spots.loc[counts.index]
     scale = float(Fraction(str(info.get("coord_scale", "1"))))
     xy = spots[["pixel_x", "pixel_y"]].to_numpy(float) * scale

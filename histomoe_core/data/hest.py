@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from histomoe_core import paths
 from histomoe_core.data.manifests import Manifest, load_manifest
-from histomoe_core.data.sample import Sample, SampleSet, validate_counts
+from histomoe_core.data.sample import GRID_TOLERANCE, Sample, SampleSet, grid_offsets, validate_counts
 from histomoe_core.data.sources import SOURCES
 from histomoe_core.data.splits import Fold
 from histomoe_core.errors import DataError, FetchError
@@ -297,6 +297,26 @@ def verify_sums(root: Path, files: Sequence[str], *, record: bool | None = None)
         pass
 
 
+def verify_hest(sample_ids: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """``(file, status)`` of every file of ``sample_ids`` (default: every HEST-Bench task sample) where it is
+    found first: ``ok`` (matches SHA256SUMS), ``present`` (no recorded sha256), ``missing`` or ``sha256 mismatch``."""
+    from histomoe_core.data.fetch import sha256sum
+
+    manifest = load_manifest(MANIFEST)
+    ids = list(dict.fromkeys(sample_ids if sample_ids is not None else
+                             [s for t in manifest.extra.get("tasks", {}).values() for s in t["samples"]]))
+    rows = []
+    for rel in [f for i in ids for f in sample_files(i)]:
+        root = next((r for r in hest_roots() if (r / rel).is_file()), None)
+        if root is None:
+            rows.append((rel, "missing"))
+            continue
+        want = _read_sums(root).get(rel)
+        status = "present" if want is None else "ok" if sha256sum(root / rel) == want else f"sha256 mismatch ({root / rel})"
+        rows.append((rel, status))
+    return rows
+
+
 # --- reading one sample ---------------------------------------------------------------------------------------
 
 
@@ -354,13 +374,41 @@ def read_patch_index(path: Path) -> tuple[list[str], tuple[int, ...]]:
     return barcodes, shape
 
 
+def _study(meta: dict) -> str | None:
+    """The study a sample belongs to: HEST's ``dataset_title``, else its ``study_link``; None without either."""
+    for k in ("dataset_title", "study_link"):
+        v = meta.get(k)
+        if v is not None and str(v).strip() and str(v).lower() not in ("nan", "none"):
+            return str(v).strip()
+    return None
+
+
 def _patient(sample_id: str, meta: dict, groups: dict[str, str]) -> tuple[str, str]:
+    """Patient id and where it came from. HEST's patient labels ("patient 2") recur across studies, so a
+    metadata patient is qualified by its study: ``"<study> - <patient>"`` (as is where no study is recorded)."""
     p = meta.get("patient")
     if p is not None and str(p).strip() and str(p).lower() not in ("nan", "none"):
-        return str(p), "metadata"
+        study = _study(meta)
+        if study is None:
+            return str(p).strip(), "metadata (no study recorded)"
+        return f"{study} - {str(p).strip()}", "metadata (study + patient)"
     if sample_id in groups:
         return groups[sample_id], "HEST-Bench fold"
     return sample_id, "sample id (no patient in metadata)"
+
+
+def _off_grid(adata: ad.AnnData, sample_id: str) -> int:
+    """Spots whose pixel position is off the array grid (``array_row`` / ``array_col`` in obs: moved spots or
+    permuted ids), flagged with a warning; 0 where there is no grid."""
+    if not {"array_row", "array_col"} <= set(adata.obs.columns):
+        return 0
+    off = grid_offsets(adata.obs[["array_col", "array_row"]].to_numpy(float), adata.obsm["spatial"])
+    bad = adata.obs_names[off > GRID_TOLERANCE]
+    if len(bad):
+        warnings.warn(f"{sample_id}: {len(bad)} spots lie off the array grid (obsm['spatial'] more than "
+                      f"{GRID_TOLERANCE:g} spot pitch from where array_row / array_col put them, e.g. {list(bad[:3])}); "
+                      "their pixel positions were moved or their ids permuted (meta['n_off_grid'])", stacklevel=4)
+    return len(bad)
 
 
 def load_sample(
@@ -374,6 +422,8 @@ def load_sample(
             raise DataError(f"{p} does not exist; HEST sample {sample_id!r} is incomplete in {root}")
     info = read_metadata(meta_path)
     adata = read_st(st_path)
+    if adata.n_obs == 0:
+        raise DataError(f"{st_path}: no spots (0 rows); the sample is empty - fetch it again or leave {sample_id} out")
     validate_counts(adata, where=str(st_path))
     barcodes, shape = read_patch_index(patch_path)
     spots = set(adata.obs_names)
@@ -393,6 +443,9 @@ def load_sample(
     if lacking:
         warnings.warn(f"{sample_id}: dropping {len(lacking)} spots without a patch in {patch_path.name}", stacklevel=3)
         adata = adata[adata.obs_names.isin(patched)].copy()
+    if adata.n_obs == 0:
+        raise DataError(f"{patch_path}: no patches, so sample {sample_id} has no spots left; fetch it again or leave it out")
+    n_off_grid = _off_grid(adata, sample_id)
     px = info.get("pixel_size_um_estimated", info.get("pixel_size_um_embedded"))
     try:
         px = float(px)
@@ -411,7 +464,9 @@ def load_sample(
         "patch_size_um": float(info.get("patch_size_um", PATCH_SIZE_UM)),
         "patch_px": int(shape[1]),
         "patient_source": patient_source,
+        "study": _study(info),
         "n_unpatched_dropped": len(lacking),
+        "n_off_grid": n_off_grid,
     }
     wsi = root / WSI_FILE.format(id=sample_id)
     return Sample(
@@ -451,7 +506,8 @@ def load_hest(
         if not ids:
             raise DataError(f"{root}: no st/<id>.h5ad files; is this a folder in HEST's layout?")
     else:
-        raise DataError(f"load_hest needs task= (one of {', '.join(manifest.extra['tasks'])}) or sample_ids=")
+        raise DataError(f"hest needs a task or sample ids: --task (one of {', '.join(manifest.extra['tasks'])}) or "
+                        "--samples ID ... on the command line, task= or sample_ids= in Python")
     root = Path(root) if root is not None else fetch_hest(manifest, ids, include_wsi=include_wsi)
     groups = _fold_groups(manifest)
     samples = [

@@ -64,14 +64,19 @@ def load_image(path: Path) -> np.ndarray:
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image without decoding its pixels."""
     path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
 
-        with tifffile.TiffFile(path) as tf:
-            h, w = tf.pages[0].shape[:2]
-        return int(w), int(h)
-    with Image.open(path) as im:
-        return im.size
+            with tifffile.TiffFile(path) as tf:
+                h, w = tf.pages[0].shape[:2]
+            return int(w), int(h)
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(f"image file {path} does not exist; run `histomoe data fetch` for its dataset") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"image file {path} is corrupt or not an image ({exc}); delete it and fetch it again") from exc
 
 
 def crop_boxes(coords: np.ndarray, crop_px: int) -> np.ndarray:
@@ -134,6 +139,15 @@ def _selected(sample: Sample, spec: PatchSpec, width: int, height: int) -> tuple
     return boxes, keep
 
 
+def patch_source(sample: Sample, spec: PatchSpec) -> Path | None:
+    """The file :func:`iter_patches` reads: HEST's patch file, not the gigapixel slide, whenever it holds patches
+    of the asked size (or there is no slide); else the slide image."""
+    native_um = float(sample.meta.get("patch_size_um", 112.0))
+    if sample.patches_path is not None and (sample.image_path is None or abs(native_um - spec.size_um) < 1e-6):
+        return sample.patches_path
+    return sample.image_path
+
+
 def iter_patches(
     sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 64, indices: np.ndarray | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -142,9 +156,7 @@ def iter_patches(
     Spots whose crop leaves the image are padded with white (``pad``), skipped (``drop``) or refused
     (``error``) as ``spec.out_of_image`` says; :func:`patch_qc` counts them.
     """
-    native_um = float(sample.meta.get("patch_size_um", 112.0))
-    if sample.patches_path is not None and (sample.image_path is None or abs(native_um - spec.size_um) < 1e-6):
-        # HEST: the patch file, not the gigapixel slide, whenever it holds patches of the asked size
+    if patch_source(sample, spec) == sample.patches_path:
         yield from _iter_hest_patches(sample, spec, batch_size=batch_size, indices=indices)
         return
     if sample.image_path is None:

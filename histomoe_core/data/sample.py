@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from histomoe_core.errors import DataError
+from histomoe_core.errors import DataError, UnknownNameError
 
 #: metadata keys every source fills (others may be added freely)
 META_KEYS = ("organ", "cancer_type", "oncotree_code", "technology", "dataset")
@@ -104,7 +104,7 @@ class SampleSet:
             for s in self.samples:
                 if s.sample_id == key:
                     return s
-            raise KeyError(f"{self.name} has no sample {key!r}; samples: {', '.join(self.ids)}")
+            raise UnknownNameError(f"{self.name} has no sample {key!r}; samples: {', '.join(self.ids)}")
         return self.samples[key]
 
     @property
@@ -180,3 +180,25 @@ def validate_counts(adata: ad.AnnData, *, where: str) -> None:
         raise DataError(f"{where}: counts contain negative values; expected raw counts (>= 0), not normalised data")
     if adata.obs_names.has_duplicates:
         raise DataError(f"{where}: duplicate spot ids, e.g. {adata.obs_names[adata.obs_names.duplicated()][0]!r}")
+
+
+#: a spot further than this many spot pitches from where its array position puts it is off the grid
+GRID_TOLERANCE = 0.25
+
+
+def grid_offsets(grid: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Distance of each spot's pixel position from the affine map of array positions to pixels (fitted, then
+    refitted on the spots within :data:`GRID_TOLERANCE`), in pitches: the square root of the pixel area of one
+    array cell, the spot spacing on a square grid such as legacy ST. Zeros for fewer than 4 spots."""
+    grid = np.c_[np.asarray(grid, float), np.ones(len(grid))]
+    pixels = np.asarray(pixels, float)
+    off = np.zeros(len(grid))
+    keep = np.ones(len(grid), bool)
+    for _ in range(2):
+        if keep.sum() < 4:
+            break
+        coef = np.linalg.lstsq(grid[keep], pixels[keep], rcond=None)[0]
+        pitch = np.sqrt(abs(np.linalg.det(coef[:2]))) or 1.0  # sqrt of the pixel area of one array cell
+        off = np.linalg.norm(grid @ coef - pixels, axis=1) / pitch
+        keep = off <= GRID_TOLERANCE
+    return off

@@ -5,6 +5,8 @@ from histomoe_core.data.sample import SampleSet
 from histomoe_core.registry import Registry
 
 SOURCES: Registry[SampleSet] = Registry("data source")
+#: other names of a source (its manifest name, where that differs)
+ALIASES = {"hest1k": "hest"}
 
 
 def load_dataset(name: str, **kwargs) -> SampleSet:
@@ -13,6 +15,7 @@ def load_dataset(name: str, **kwargs) -> SampleSet:
     import histomoe_core.data  # noqa: F401  (registers every adapter)
     from histomoe_core.data import userdata
 
+    name = ALIASES.get(name, name)
     if name not in SOURCES and name in userdata.registered():
         return userdata.load_registered(name, **kwargs)
     return SOURCES.create(name, **kwargs)
