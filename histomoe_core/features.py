@@ -178,13 +178,15 @@ def group_folds(data: FoldData, *, by: str = "patient", max_folds: int = 5) -> l
     """Leave-one-group-out (train, val) index pairs over the groups of :func:`inner_group_by`, merging groups
     into at most ``max_folds`` folds. Data with per-context panels (a mask) get folds stratified by context:
     each context's groups are dealt round-robin over the folds, and a context with a single group is never
-    validated on (its spots always train)."""
+    validated on (its spots always train), unless every context has a single group."""
     keys = getattr(data, inner_group_by(data, by))
     uniq = np.unique(keys)
     if len(uniq) < 2:
         raise ValueError("inner cross-validation needs at least two sections in the training fold")
     if data.mask is not None and len(np.unique(data.context)) > 1:
-        return _stratified_group_folds(keys, data.context, max_folds)
+        folds = _stratified_group_folds(keys, data.context, max_folds)
+        if folds:
+            return folds  # else every context has one group: fall back to plain group folds
     chunks = np.array_split(uniq, min(max_folds, len(uniq)))
     return [(np.flatnonzero(~np.isin(keys, c)), np.flatnonzero(np.isin(keys, c))) for c in chunks]
 

@@ -157,8 +157,8 @@ usage.groupby("organ").mean().style.background_gradient(cmap="Blues", axis=None)
 # The NMI is {glue:text}`syn_nmi_mean:.2f` on average over folds (lowest {glue:text}`syn_nmi_min:.2f`). The
 # router reads the metadata embedding, which is identical for all sections of an organ, so each organ goes to
 # one expert; the guide loss ties organ `c` to expert `c`, and the balance loss keeps any one expert from
-# absorbing several organs. {doc}`05_routing` opens these models further (which genes each expert predicts,
-# and how a router that reads only the image behaves), and {doc}`07_ablations` removes the pieces one at a time.
+# absorbing several organs. {doc}`06_routing` opens these models further (which genes each expert predicts,
+# and how a router that reads only the image behaves), and {doc}`08_ablations` removes the pieces one at a time.
 #
 # ## The trained model
 #
@@ -174,7 +174,7 @@ pd.Series({k: v for k, v in trained.cfg.as_dict().items() if v not in (None, 0, 
 
 # %% [markdown]
 # The model has {glue:text}`syn_n_params` trainable parameters. The same module runs end to end with a vision
-# encoder in front (`HistoMoEEndToEnd(encoder, moe)`), which is how {doc}`06_attributions` computes
+# encoder in front (`HistoMoEEndToEnd(encoder, moe)`), which is how {doc}`07_attributions` computes
 # attributions back to the pixels and how a GPU user would fine-tune the encoder together with the experts.
 
 # %% [markdown]

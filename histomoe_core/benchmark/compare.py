@@ -35,13 +35,16 @@ def section_differences(run: BenchmarkRun, model: str, reference: str, *, target
     return pd.DataFrame({model: t[model], reference: t[reference], "diff": t[model] - t[reference]})
 
 
-def _section_stats(pred: np.ndarray, y: np.ndarray, sections: np.ndarray, order: Sequence[str]) -> np.ndarray:
-    """(S, 6, G) sums per section: n, sum y, sum p, sum y^2, sum p^2, sum y*p."""
+def _section_stats(p: dict[str, np.ndarray], order: Sequence[str]) -> np.ndarray:
+    """(S, 6, G) sums per section over its measured entries: n, sum y, sum p, sum y^2, sum p^2, sum y*p."""
+    y, pred, sections = p["y"].astype(np.float64), p["pred"].astype(np.float64), p["sample"]
+    w = p["mask"].astype(np.float64) if "mask" in p else np.ones(y.shape)
     out = np.zeros((len(order), 6, y.shape[1]))
     for i, s in enumerate(order):
         m = sections == s
-        yy, pp = y[m].astype(np.float64), pred[m].astype(np.float64)
-        out[i] = [np.full(y.shape[1], m.sum()), yy.sum(0), pp.sum(0), (yy**2).sum(0), (pp**2).sum(0), (yy * pp).sum(0)]
+        yy, pp, ww = y[m], pred[m], w[m]
+        out[i] = [ww.sum(0), (ww * yy).sum(0), (ww * pp).sum(0), (ww * yy**2).sum(0), (ww * pp**2).sum(0),
+                  (ww * yy * pp).sum(0)]
     return out
 
 
@@ -52,41 +55,55 @@ def _pooled_metric(stats: np.ndarray, weights: np.ndarray) -> np.ndarray:
         cov = syp - sy * sp / n
         r = cov / np.sqrt((syy - sy**2 / n) * (spp - sp**2 / n))
     r[~np.isfinite(r)] = np.nan
-    return np.nanmean(np.clip(r, -1, 1), axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.clip(r, -1, 1), axis=1)
+
+
+def _cells(p: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Test sections of a fold grouped by context (one group when the run has no per-context panels)."""
+    ctx = p["context"] if "context" in p else np.full(len(p["sample"]), "")
+    out: dict[str, list[str]] = {}
+    for s, c in dict.fromkeys(zip(p["sample"].tolist(), ctx.tolist())):
+        out.setdefault(c, []).append(s)
+    return out
 
 
 def bootstrap_difference(run: BenchmarkRun, model: str, reference: str, *, target: str, n_boot: int = 2000,
-                         level: float = 0.95, seed: int = 0) -> dict:
+                         level: float = 0.95, seed: int = 0, context: str | None = None) -> dict:
     """Difference ``model - reference`` in the run's HEST metric with a bootstrap interval over held-out sections
-    (within folds) and seeds: ``{"diff", "lo", "hi", "verdict", "n_sections", "n_boot"}``; verdict is "better",
-    "worse" or "tie" (the interval covers 0)."""
+    (resampled within each fold and context) and seeds: ``{"diff", "lo", "hi", "verdict", "n_sections",
+    "n_boot"}``; verdict is "better", "worse" or "tie" (the interval covers 0). With per-context panels the
+    metric of a fold is the macro mean over its contexts; ``context`` restricts everything to one context (its
+    folds where it is tested)."""
     rng = np.random.default_rng(seed)
     folds = sorted(run.results["fold"].unique())
     seeds = sorted(run.results["seed"].unique())
     draws_seed = rng.integers(len(seeds), size=(n_boot, len(seeds)))
-    total = np.zeros((2, n_boot))
-    point = np.zeros(2)
-    n_sections = 0
+    total, point, used, n_sections = np.zeros((2, n_boot)), np.zeros(2), 0, 0
     for fold in folds:
-        order = None
-        stats = {}
-        for j, name in enumerate((model, reference)):
-            for k, s in enumerate(seeds):
-                p = run.predictions(name, fold, seed=int(s), target=target)
-                if order is None:
-                    order = list(pd.unique(p["sample"]))
-                stats[j, k] = _section_stats(p["pred"], p["y"], p["sample"], order)
-        n_sections += len(order)
-        w = rng.multinomial(len(order), np.full(len(order), 1 / len(order)), size=n_boot).astype(np.float64)
-        ones = np.ones((1, len(order)))
-        for j in range(2):
-            per_seed = np.stack([_pooled_metric(stats[j, k], w) for k in range(len(seeds))], axis=1)  # (B, seeds)
-            total[j] += np.take_along_axis(per_seed, draws_seed, axis=1).mean(1) / len(folds)
-            point[j] += np.mean([_pooled_metric(stats[j, k], ones)[0] for k in range(len(seeds))]) / len(folds)
-    diff = total[0] - total[1]
-    lo, hi = np.quantile(diff, [(1 - level) / 2, 1 - (1 - level) / 2])
+        preds = {(j, k): run.predictions(name, fold, seed=int(s), target=target)
+                 for j, name in enumerate((model, reference)) for k, s in enumerate(seeds)}
+        cells = {c: secs for c, secs in _cells(preds[0, 0]).items() if context is None or c == context}
+        if not cells:
+            continue
+        used += 1
+        fold_total, fold_point = np.zeros((2, n_boot)), np.zeros(2)
+        for secs in cells.values():
+            n_sections += len(secs)
+            w = rng.multinomial(len(secs), np.full(len(secs), 1 / len(secs)), size=n_boot).astype(np.float64)
+            for j in range(2):
+                stats = [_section_stats(preds[j, k], secs) for k in range(len(seeds))]
+                per_seed = np.stack([_pooled_metric(st, w) for st in stats], axis=1)  # (B, seeds)
+                fold_total[j] += np.take_along_axis(per_seed, draws_seed, axis=1).mean(1) / len(cells)
+                fold_point[j] += np.mean([_pooled_metric(st, np.ones((1, len(secs))))[0] for st in stats]) / len(cells)
+        total += fold_total
+        point += fold_point
+    if not used:
+        raise ValueError(f"context {context!r} is not tested in any fold of {run.path.name}")
+    diff = (total[0] - total[1]) / used
+    lo, hi = np.nanquantile(diff, [(1 - level) / 2, 1 - (1 - level) / 2])
     verdict = "tie" if lo <= 0 <= hi else "better" if lo > 0 else "worse"
-    return {"diff": float(point[0] - point[1]), "lo": float(lo), "hi": float(hi), "verdict": verdict,
+    return {"diff": float((point[0] - point[1]) / used), "lo": float(lo), "hi": float(hi), "verdict": verdict,
             "level": level, "n_sections": n_sections, "n_boot": n_boot}
 
 
@@ -125,4 +142,56 @@ def panel_depth(run: BenchmarkRun, samples, *, target: str) -> pd.DataFrame:
     for f in run.config["folds"]:
         st = panel_stats([samples[i] for i in f["test"]], run.panel(target, f["name"]).index)
         rows[f["name"]] = {"depth_r": float(st["depth_r"].median()), "detected": float(st["detected"].median())}
+    return pd.DataFrame(rows).T
+
+
+def context_differences(run: BenchmarkRun, model: str, references: Sequence[str], *, target: str,
+                        **kw) -> pd.DataFrame:
+    """Per tested context and reference: the paired difference of ``model`` in that context's HEST metric, its
+    bootstrap interval (sections of that context) and the verdict."""
+    pc = run.per_context
+    rows = []
+    for ctx in sorted(pc.loc[pc["target"] == target, "context"].unique()):
+        for ref in references:
+            b = bootstrap_difference(run, model, ref, target=target, context=ctx, **kw)
+            rows.append({"context": ctx, "reference": ref, "diff": b["diff"], "ci_lo": b["lo"], "ci_hi": b["hi"],
+                         "verdict": b["verdict"], "n_sections": b["n_sections"]})
+    return pd.DataFrame(rows)
+
+
+def per_context_table(run: BenchmarkRun, *, target: str) -> pd.DataFrame:
+    """Contexts x models: each context's HEST metric (mean over the folds where it is tested and seeds), plus
+    the macro mean and the worst context as two extra rows."""
+    pc = run.per_context
+    pc = pc[pc["target"] == target]
+    t = pc.groupby(["context", "model", "fold"])["pearson"].mean().groupby(["context", "model"]).mean().unstack()
+    t.loc["macro mean"] = t.mean()
+    t.loc["worst context"] = t.drop(index="macro mean").min()
+    return t
+
+
+def context_sizes(run: BenchmarkRun, samples) -> pd.DataFrame:
+    """Per context: sections, groups, and the mean number of training spots over the folds."""
+    ctx_key = run.config["config"]["context_key"]
+    ctx = {s.sample_id: str(s.meta.get(ctx_key) or "unknown") for s in samples}
+    spots = {s.sample_id: s.n_spots for s in samples}
+    rows = {}
+    for c in sorted(set(ctx.values())):
+        ids = [i for i, v in ctx.items() if v == c]
+        train = [sum(spots[i] for i in f["train"] if ctx[i] == c) for f in run.config["folds"]]
+        rows[c] = {"sections": len(ids), "groups": len({samples[i].patient for i in ids}),
+                   "train_spots": float(np.mean(train))}
+    return pd.DataFrame(rows).T
+
+
+def versus_best_single(run: BenchmarkRun, model: str, singles: Sequence[str], *, target: str, **kw) -> pd.DataFrame:
+    """Per tested context: the best of the ``singles`` (single models) in that context, and the paired difference
+    of ``model`` against it with its bootstrap interval over the context's held-out sections."""
+    table = per_context_table(run, target=target).drop(index=["macro mean", "worst context"])
+    rows = {}
+    for ctx, row in table.iterrows():
+        best = row[list(singles)].astype(float).idxmax()
+        b = bootstrap_difference(run, model, best, target=target, context=ctx, **kw)
+        rows[ctx] = {"best single": best, "its score": float(row[best]), model: float(row[model]),
+                     "diff": b["diff"], "ci_lo": b["lo"], "ci_hi": b["hi"], "verdict": b["verdict"]}
     return pd.DataFrame(rows).T

@@ -71,6 +71,15 @@ PROFILES: dict[str, dict] = {
         "encoder": "efficientnet_lite0", "targets": ("log1p",), "seeds": (0, 1), "centre_targets": False,
         "models": copy.deepcopy(TISSUE_MODELS),
     },
+    # the same machinery on the synthetic organs (tests, the smoke book): per-context panels, the tissue models
+    "synthetic-tissues": {
+        "dataset": "synthetic", "scheme": "stratified", "k": 2, "encoder": "tiny", "n_genes": 10,
+        "dataset_options": {"n_organs": 3, "patients_per_organ": 2, "spots_per_section": 64, "n_genes": 40,
+                            "patch_px": 32},
+        "context_key": "organ", "panels": "per_context", "targets": ("log1p",), "seeds": (0,),
+        "centre_targets": False, "train": {**TRAIN, "epochs": 5, "lr": 3e-3},
+        "models": copy.deepcopy(TISSUE_MODELS),
+    },
     "hest": {"dataset": "hest", "dataset_options": {"task": "IDC"}, "scheme": "hest", "encoder": "efficientnet_lite0"},
 }
 

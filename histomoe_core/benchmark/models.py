@@ -87,7 +87,7 @@ TISSUE_MODELS: dict[str, dict] = {
     "histomoe": None,  # set below: the inner-CV choice among TISSUE_CANDIDATES
 }
 
-#: ablations (book chapter 07): routing input, number of experts, top-k vs soft, and the MoE ideas tried
+#: ablations (book chapter 08): routing input, number of experts, top-k vs soft, and the MoE ideas tried
 ABLATIONS: dict[str, dict] = {
     # the fixed anchored MoE (one of histomoe's candidates)
     "histomoe_anchored": {**ANCHORED, "centre": True},

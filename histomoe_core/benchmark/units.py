@@ -70,6 +70,8 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
         per_section.to_csv(tmp / "per_section.csv")
         if per_context is not None:
             per_context.to_csv(tmp / "per_context.csv")
+        if test.mask is not None:  # per-context panels: which entries are scored, and each spot's context
+            extra = {**extra, "mask": test.mask, "context": test.context_names().astype(str)}
         np.savez_compressed(tmp / "pred.npz", pred=pred, y=test.y, spot=test.spot, sample=test.sample,
                             genes=np.asarray(test.genes), **extra)
         if hasattr(est, "model"):

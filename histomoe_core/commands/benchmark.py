@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-centre", action="store_true", help="train on raw targets instead of section-centred ones")
     p.add_argument("--embedding-norm", choices=["none", "section"], default=None,
                    help="centre embeddings per section (every model alike); transductive: reads the test images")
-    p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 07)")
+    p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 08)")
     p.add_argument("--threads", type=nonneg_int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="fits run at once in worker processes (default: $HISTOMOE_JOBS, else the usable CPUs up to 8, or 1 with a GPU)")

@@ -5,19 +5,28 @@ from __future__ import annotations
 import argparse
 
 
+EXAMPLES = """examples:
+  histomoe data add my_visium --spaceranger run1/outs run2/outs --species human --organ Kidney
+  histomoe data add my_h5ad --h5ad spots.h5ad --image slide.tif --um-per-px 0.5 --species mouse --organ Brain"""
+
+
 def add_parser(verbs: argparse._SubParsersAction) -> None:
-    a = verbs.add_parser("add", help="register your own dataset from Space Ranger folders or an AnnData (.h5ad)")
-    a.add_argument("name")
+    from histomoe_core.commands.options import HELP, positive_float
+
+    what = "register your own dataset from Space Ranger folders or an AnnData (.h5ad)"
+    a = verbs.add_parser("add", help=what, description=what[0].upper() + what[1:] + ": validated now, then usable "
+                         "by name in embed, benchmark and the book's dataset parameter.", epilog=EXAMPLES, **HELP)
+    a.add_argument("name", help="the name to register the dataset under")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--spaceranger", nargs="+", metavar="DIR", help="Space Ranger outs/ folders, one per section")
     src.add_argument("--h5ad", metavar="FILE", help="AnnData: raw counts, obsm['spatial'] spot x, y in image pixels")
     a.add_argument("--image", nargs="+", default=None,
                    help="with --h5ad: its H&E image (required); with --spaceranger: full-resolution images, one per folder (default: hires)")
-    a.add_argument("--um-per-px", type=float, default=None, help="image pixel size (required with --h5ad; Visium: from the spot spacing)")
-    a.add_argument("--species", required=True, choices=["human", "mouse"])
+    a.add_argument("--um-per-px", type=positive_float, default=None, help="image pixel size (required with --h5ad; Visium: from the spot spacing)")
+    a.add_argument("--species", required=True, choices=["human", "mouse"], help="species of every section's genes")
     a.add_argument("--patients", nargs="+", default=None, help="split group per section (default: the section)")
     for key in ("organ", "tissue", "disease-state", "cancer-type", "preservation", "technology"):
-        a.add_argument(f"--{key}", default=None)
+        a.add_argument(f"--{key}", default=None, help=f"the sections' {key.replace('-', ' ')} (metadata and context)")
     a.set_defaults(func=_add)
 
 

@@ -1,7 +1,7 @@
 """``histomoe inspect RUN``: routing and gene figures for a finished benchmark run.
 
 For each fold, the fold's trained MoE is applied to every section (``tl.fold_adata``) and the figures of book
-chapter 05 are written: expert usage, gate entropy, agreement tables, per held-out section the expert map, gate
+chapter 06 are written: expert usage, gate entropy, agreement tables, per held-out section the expert map, gate
 maps and measured-vs-predicted maps (PNG), interactive explorers (offline HTML), per-gene Pearson bars against
 the run's other models, and ``index.md`` naming every file and what it shows.
 

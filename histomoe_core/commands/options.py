@@ -92,7 +92,11 @@ def selection_options(dataset: str, task: str | None, samples: Sequence[str] | N
     import histomoe_core.data  # noqa: F401
     from histomoe_core.data.sources import ALIASES, SOURCES
 
-    params = inspect.signature(SOURCES.get(ALIASES.get(dataset, dataset))).parameters
+    from histomoe_core.data import userdata
+
+    name = ALIASES.get(dataset, dataset)
+    loader = userdata.load_registered if name not in SOURCES and name in userdata.registered() else SOURCES.get(name)
+    params = inspect.signature(loader).parameters
     out: dict = {}
     if task is not None:
         if "task" not in params:

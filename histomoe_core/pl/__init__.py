@@ -11,7 +11,8 @@ from types import ModuleType
 from histomoe_core.pl.spatial import spatial_scatter, thumbnail
 
 #: figure modules, imported on first attribute access
-SUBMODULES = ("spatial", "data", "datasets", "routing", "genes", "attributions", "interactive", "embeddings")
+SUBMODULES = ("spatial", "data", "datasets", "routing", "contexts", "genes", "attributions", "interactive",
+              "embeddings")
 
 __all__ = ["spatial_scatter", "thumbnail", *SUBMODULES]
 

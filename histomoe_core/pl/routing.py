@@ -162,3 +162,31 @@ def expert_genes(adata: ad.AnnData, *, key: str = "histomoe", n_top: int = 15, t
     _heatmap(ax, table, cmap="RdBu_r", fmt=".1f", vmin=-lim, vmax=lim, label="expert - others (s.d.)")
     ax.set_title(title or "Genes each expert predicts differently", fontsize=10)
     return fig
+
+
+def expert_montage(samples, picks: pd.DataFrame, *, size_um: float = 112.0, out_px: int = 96) -> Figure:
+    """One row per expert: the patches of the spots that pick it most strongly (``picks`` from
+    :func:`histomoe_core.benchmark.routing.top_spots`: expert, sample, spot, context, gate), titled by context."""
+    from histomoe_core.data.patches import PatchSpec, iter_patches
+
+    spec = PatchSpec(size_um=size_um, out_px=out_px)
+    experts = sorted(picks["expert"].unique())
+    ncols = int(picks.groupby("expert").size().max())
+    fig, axes = plt.subplots(len(experts), ncols, figsize=(1.25 * ncols + 0.8, 1.45 * len(experts)), squeeze=False)
+    images = {}
+    for sid, part in picks.groupby("sample"):
+        s = samples[sid]
+        idx = np.flatnonzero(np.isin(np.asarray(s.adata.obs_names, dtype=str), part["spot"].to_numpy()))
+        for i, batch in iter_patches(s, spec, indices=idx):
+            images.update({(sid, str(s.adata.obs_names[j])): im for j, im in zip(i.tolist(), batch)})
+    for r, e in enumerate(experts):
+        rows = picks[picks["expert"] == e].reset_index(drop=True)
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            if c < len(rows) and (rows.loc[c, "sample"], rows.loc[c, "spot"]) in images:
+                ax.imshow(images[(rows.loc[c, "sample"], rows.loc[c, "spot"])])
+                ax.set_title(f"{rows.loc[c, 'context']}\ngate {rows.loc[c, 'gate']:.2f}", fontsize=6)
+        axes[r, 0].text(-0.1, 0.5, f"expert {e}", transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig

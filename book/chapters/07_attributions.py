@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Attributions: which pixels drive a prediction, and a routing decision
 #
-# Chapter 05 asked *which expert* predicts a spot. This chapter asks *what in the image* moves a prediction:
+# Chapter {doc}`06_routing` asked *which expert* predicts a spot. This chapter asks *what in the image* moves a prediction:
 # for one gene's predicted expression, and for one expert's gate weight, which pixels of the H&E patch push the
 # output up or down. The attributions run end to end, from the patch pixels through the vision encoder and the
 # MoE, with Captum (Kokhlikyan et al. 2020):
@@ -181,7 +181,7 @@ pd.DataFrame([r.summary() for r in gate_results]).set_index("method")
 
 # %% [markdown]
 # The gate weight of {glue:text}`gate_expert` varies with a standard deviation of {glue:text}`gate_range:.3f`
-# over the section's spots. When a router is near-uniform (chapter 05), these maps explain small changes of a
+# over the section's spots. When a router is near-uniform (chapter 06), these maps explain small changes of a
 # weight that stays close to 1/E; they are still exact statements about the model, and IG's completeness check
 # below applies to them as to the gene.
 #
