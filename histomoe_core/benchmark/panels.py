@@ -34,9 +34,10 @@ class FoldPanels:
         """Genes trained and scored in a section (all genes for a pooled panel)."""
         return self._section.get(sample_id, self.genes)
 
-    def key(self) -> dict | list:
-        """What a fit depends on: the union and which genes each section is scored on."""
-        return self.genes if self.by_context is None else {"genes": self.genes, "sections": self._section}
+    def key(self) -> list:
+        """What a fit depends on: the union and which genes each section is scored on. A list either way: the unit
+        and selection keys take ``list(key)``, which of a dict would keep only its two field names."""
+        return self.genes if self.by_context is None else [*self.genes, {"sections": self._section}]
 
 
 def context_label(sample, key: str) -> str:
