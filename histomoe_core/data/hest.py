@@ -16,6 +16,9 @@ records ``sha256  path`` lines in ``<data_dir>/hest1k/SHA256SUMS``; later fetche
 HEST-Bench tasks (sample ids, patient folds, HEST's 50-gene list) are data in ``data_manifests/hest1k.yaml``;
 :func:`hest_task` returns them. HEST chose each gene list on all samples of a task, test folds included: use
 :func:`~histomoe_core.data.genes.select_panel` on the training fold for leak-free numbers.
+
+Pan-cancer HEST-Bench: ``load_dataset("hest_pan", tasks=[...])`` (:func:`load_hest_pan`) reads several tasks at
+once, each section's task in ``meta["hest_task"]``; :func:`hest_pan_folds` combines HEST's per-task splits.
 """
 from __future__ import annotations
 
