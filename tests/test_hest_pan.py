@@ -175,6 +175,8 @@ def test_cli(mirror, tmp_path, monkeypatch, capsys):
     assert "unknown HEST-Bench task 'GLIOMA'" in capsys.readouterr().err
     assert main(["benchmark", "her2st", "--tasks", "LUNG"]) == 2
     assert "--tasks applies to hest-pan only" in capsys.readouterr().err
+    assert main(["benchmark", "hest-pan", "--task", "LUNG"]) == 2
+    assert "hest-pan takes --tasks" in capsys.readouterr().err
     assert main(["benchmark", "hest-pan", "--tasks", "lung", "paad", "coad", "--encoder", "tiny", "--text-encoder",
                  "onehot", "--models", "ridge_cv", "--seeds", "0", "--n-genes", "10", "--no-progress"]) == 0
     assert "per fold" in capsys.readouterr().out.lower()

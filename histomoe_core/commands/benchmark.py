@@ -56,8 +56,8 @@ def run(args) -> int:
 
     check_dataset(args.dataset, PROFILES)
     check_text_encoder(args.text_encoder)
+    tasks = pan_task_option(args.dataset, args.tasks, args.task)
     selection_options(PROFILES.get(args.dataset, {}).get("dataset", args.dataset), args.task, None)
-    tasks = pan_task_option(args.dataset, args.tasks)
     n_jobs = resolve_jobs(args.jobs)  # HISTOMOE_JOBS too, before anything is loaded
 
     overrides = {
@@ -81,15 +81,18 @@ def run(args) -> int:
     return 0
 
 
-def pan_task_option(dataset: str, tasks: list[str] | None) -> list[str] | None:
+def pan_task_option(dataset: str, tasks: list[str] | None, task: str | None = None) -> list[str] | None:
     """``--tasks`` as canonical HEST-Bench task names, checked before anything is loaded (hest-pan only)."""
     from histomoe_core.benchmark import PROFILES
     from histomoe_core.data.hest import pan_tasks
     from histomoe_core.errors import HistoMoEError
 
+    pan = PROFILES.get(dataset, {}).get("dataset", dataset) == "hest_pan"
+    if pan and task is not None:
+        raise HistoMoEError(f"{dataset} takes --tasks (one or more HEST-Bench tasks), not --task")
     if tasks is None:
         return None
-    if PROFILES.get(dataset, {}).get("dataset", dataset) != "hest_pan":
+    if not pan:
         raise HistoMoEError(f"--tasks applies to hest-pan only; use --task for {dataset}" if dataset == "hest"
                             else f"--tasks applies to hest-pan only; {dataset} has no HEST-Bench tasks")
     return pan_tasks(tasks)
