@@ -11,7 +11,8 @@ model makes (hyperparameters, target centring, HistoMoE's variant) made by inner
 (:mod:`~histomoe_core.benchmark.compare`).
 
 Profiles (:data:`PROFILES`): ``her2st`` (leave-one-patient-out), ``synthetic`` (patient k-fold on the synthetic
-multi-organ data), ``hest`` (a HEST-Bench task with its published patient splits; needs the downloaded data).
+multi-organ data), ``hest`` (a HEST-Bench task with its published patient splits; needs the downloaded data),
+``hest-pan`` (several HEST-Bench tasks in one model, the task as context, their splits combined).
 
 Content addressing: the run folder is ``runs_dir()/<dataset>-<encoder>-<key>``, where the key hashes the
 config, the embeddings (their values), the dataset's counts, and the source of the modules the benchmark uses.

@@ -18,8 +18,9 @@ class BenchmarkConfig:
     encoder: str = "efficientnet_lite0"
     text_encoder: str = "minilm"
     scheme: str = "lopo"  #: "lopo", "kfold" (patients), "stratified" (patients, every context in every fold)
-    #: or "hest" (HEST-Bench published splits)
-    k: int | None = None  #: folds for "kfold"
+    #: or "hest" (HEST-Bench published splits), or "hest_pan" (several tasks: fold k holds out HEST split
+    #: k mod n_splits of every task, :func:`~histomoe_core.data.hest.hest_pan_folds`)
+    k: int | None = None  #: folds for "kfold" ("hest_pan": default the most splits of any task)
     folds: tuple[str, ...] | None = None  #: run only these fold names
     n_genes: int = 50
     min_frac: float = 0.1
@@ -81,6 +82,14 @@ PROFILES: dict[str, dict] = {
         "models": copy.deepcopy(TISSUE_MODELS),
     },
     "hest": {"dataset": "hest", "dataset_options": {"task": "IDC"}, "scheme": "hest", "encoder": "efficientnet_lite0"},
+    # pan-cancer HEST-Bench (issue 11): one model over several HEST-Bench tasks (dataset_options tasks, default
+    # all nine), the task is the context, HEST's per-task patient splits combined, one panel per task chosen on
+    # its training sections (gene_list="hest": each task's shipped list); needs the downloaded data
+    "hest-pan": {
+        "dataset": "hest_pan", "scheme": "hest_pan", "context_key": "hest_task", "panels": "per_context",
+        "encoder": "efficientnet_lite0", "targets": ("log1p",), "seeds": (0, 1), "centre_targets": False,
+        "models": copy.deepcopy(TISSUE_MODELS),
+    },
 }
 
 

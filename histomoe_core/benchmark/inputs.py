@@ -66,12 +66,18 @@ def load_inputs(cfg: BenchmarkConfig, *, progress: bool = True):
     samples = load_dataset(cfg.dataset, **dict(cfg.dataset_options))
     fixed = None
     if cfg.scheme == "hest":
-        from histomoe_core.data.hest import hest_task
+        from histomoe_core.data.hest import hest_task, shipped_genes
 
         task = hest_task(cfg.dataset_options.get("task", "IDC"))
         folds = task["folds"]
         if cfg.gene_list == "hest":
-            fixed = task["genes"]
+            fixed = shipped_genes(task["name"])
+    elif cfg.scheme == "hest_pan":
+        from histomoe_core.data.hest import TASK_KEY, hest_pan_folds, shipped_genes
+
+        folds = hest_pan_folds(samples, n_folds=cfg.k)
+        if cfg.gene_list == "hest":  # each task's shipped list, as a per-task panel
+            fixed = {t: shipped_genes(t) for t in dict.fromkeys(s.meta[TASK_KEY] for s in samples)}
     elif cfg.scheme == "stratified":
         from histomoe_core.data.splits import stratified_folds
 

@@ -7,11 +7,15 @@ its own context's panel (:attr:`~histomoe_core.features.FoldData.mask`). A conte
 (leave-context-out) is scored on the union genes its sections measure. In a collection of several species,
 genes are keyed ``"<species>:<symbol>"`` (:func:`~histomoe_core.data.genes.gene_key`), so a human and a mouse gene
 are never the same column.
+
+A fixed panel is a gene list (``fixed=[...]``: one panel for every spot, as given) or a mapping context -> gene
+list (``fixed={"IDC": [...], "LUNG": [...]}``, e.g. HEST's shipped ``var_50genes.json`` of each task): one panel
+per context as with ``"per_context"``, control probes dropped from every list.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,9 +38,10 @@ class FoldPanels:
         """Genes trained and scored in a section (all genes for a pooled panel)."""
         return self._section.get(sample_id, self.genes)
 
-    def key(self) -> dict | list:
-        """What a fit depends on: the union and which genes each section is scored on."""
-        return self.genes if self.by_context is None else {"genes": self.genes, "sections": self._section}
+    def key(self) -> list:
+        """What a fit depends on: the union and which genes each section is scored on. A list either way: the unit
+        and selection keys take ``list(key)``, which of a dict would keep only its two field names."""
+        return self.genes if self.by_context is None else [*self.genes, {"sections": self._section}]
 
 
 def context_label(sample, key: str) -> str:
@@ -44,10 +49,14 @@ def context_label(sample, key: str) -> str:
 
 
 def fold_panels(samples, fold, *, target: str, n_genes: int, min_frac: float, rule: str, scope: str = "pooled",
-                context_key: str = "organ", fixed: Sequence[str] | None = None) -> FoldPanels:
-    """The :class:`FoldPanels` of ``fold`` (chosen on its training sections only)."""
+                context_key: str = "organ", fixed: Sequence[str] | Mapping[str, Sequence[str]] | None = None
+                ) -> FoldPanels:
+    """The :class:`FoldPanels` of ``fold`` (chosen on its training sections only; ``fixed``: see the module
+    docstring, a mapping gives per-context fixed panels whatever ``scope``)."""
     from histomoe_core.data.genes import select_panel
 
+    if isinstance(fixed, Mapping):
+        return _fixed_per_context(samples, fixed, context_key)
     if fixed is not None:
         genes = list(fixed)
         return FoldPanels(genes, pd.DataFrame({"rank": np.arange(1, len(genes) + 1)}, index=pd.Index(genes, name="gene")))
@@ -88,3 +97,29 @@ def _per_context(samples, fold, train, *, target, n_genes, min_frac, rule, conte
             sections[s.sample_id] = [g for g in genes if symbol_of(g) in own
                                      and (not prefix or g.startswith(f"{s.species}:"))]
     return FoldPanels(genes, pd.concat(tables), by_context, sections)
+
+
+def _fixed_per_context(samples, fixed: Mapping[str, Sequence[str]], context_key: str) -> FoldPanels:
+    """Per-context panels given as lists (control probes dropped); every section must measure its context's list."""
+    from histomoe_core.data.genes import gene_key, is_control_probe
+
+    prefix = len({s.species for s in samples}) > 1
+    by_context: dict[str, list[str]] = {}
+    sections: dict[str, list[str]] = {}
+    for s in samples:
+        ctx = context_label(s, context_key)
+        if ctx not in fixed:
+            raise HistoMoEError(f"no fixed gene list for context {ctx!r} (section {s.sample_id}); lists are given "
+                                f"for {sorted(fixed)}")
+        genes = [str(g) for g in fixed[ctx] if not is_control_probe(g)]
+        lacking = sorted(set(genes) - set(map(str, s.adata.var_names)))
+        if lacking:
+            raise HistoMoEError(f"section {s.sample_id} ({ctx}) does not measure {lacking[:5]} of its fixed gene list "
+                                f"({len(lacking)} genes); use a computed panel (drop --gene-list) or fix the list")
+        keys = [gene_key(s.species if prefix else None, g) for g in genes]
+        by_context.setdefault(ctx, keys)
+        sections[s.sample_id] = by_context[ctx]
+    union = list(dict.fromkeys(g for keys in by_context.values() for g in keys))
+    table = pd.concat([pd.DataFrame({"rank": np.arange(1, len(k) + 1), "rule": "fixed", "context": c},
+                                    index=pd.Index(k, name="gene")) for c, k in by_context.items()])
+    return FoldPanels(union, table, by_context, sections)

@@ -4,10 +4,11 @@ examples:
   histomoe benchmark her2st --encoder efficientnet_lite0
   histomoe benchmark synthetic --encoder tiny --seeds 0
   histomoe benchmark hest --task IDC --encoder hf-hub:MahmoodLab/UNI --gene-list hest
+  histomoe benchmark hest-pan --tasks IDC PRAD LUNG --encoder hf-hub:MahmoodLab/UNI
   histomoe benchmark her2st --models ridge_cv knn histomoe --targets log1p
   histomoe benchmark her2st --ablations --targets log1p
 
-DATASET names a profile (her2st, synthetic, hest; see ``histomoe_core.benchmark.PROFILES``). A re-run with
+DATASET names a profile (her2st, synthetic, tissues, hest, hest-pan; see ``histomoe_core.benchmark.PROFILES``). A re-run with
 nothing changed prints the finished run's summary at once; an interrupted run resumes.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None, help="vision encoder (default: the profile's)")
     p.add_argument("--text-encoder", default=None, help="metadata encoder: minilm or onehot")
     p.add_argument("--task", default=None, help="HEST-Bench task for the hest profile (e.g. IDC)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="HEST-Bench tasks for the hest-pan profile (default all nine: IDC PRAD PAAD SKCM COAD READ CCRCC LUNG LYMPH_IDC)")
     p.add_argument("--models", nargs="+", default=None, help="subset of models (default: the profile's)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
     p.add_argument("--targets", nargs="+", default=None, choices=["log1p", "log1p_norm"],
@@ -53,6 +56,7 @@ def run(args) -> int:
 
     check_dataset(args.dataset, PROFILES)
     check_text_encoder(args.text_encoder)
+    tasks = pan_task_option(args.dataset, args.tasks, args.task)
     selection_options(PROFILES.get(args.dataset, {}).get("dataset", args.dataset), args.task, None)
     n_jobs = resolve_jobs(args.jobs)  # HISTOMOE_JOBS too, before anything is loaded
 
@@ -68,8 +72,27 @@ def run(args) -> int:
     profile = args.dataset if args.dataset in PROFILES else {**PROFILES["her2st"], "dataset": args.dataset}
     if args.task:
         overrides["dataset_options"] = {"task": args.task}
+    if tasks:
+        overrides["dataset_options"] = {"tasks": tasks}
     run_ = run_benchmark(profile, progress=not args.no_progress, threads=args.threads, n_jobs=n_jobs,
                          force=args.force, **overrides)
     print(run_.summary_markdown())
     print(f"run folder: {run_.path}")
     return 0
+
+
+def pan_task_option(dataset: str, tasks: list[str] | None, task: str | None = None) -> list[str] | None:
+    """``--tasks`` as canonical HEST-Bench task names, checked before anything is loaded (hest-pan only)."""
+    from histomoe_core.benchmark import PROFILES
+    from histomoe_core.data.hest import pan_tasks
+    from histomoe_core.errors import HistoMoEError
+
+    pan = PROFILES.get(dataset, {}).get("dataset", dataset) == "hest_pan"
+    if pan and task is not None:
+        raise HistoMoEError(f"{dataset} takes --tasks (one or more HEST-Bench tasks), not --task")
+    if tasks is None:
+        return None
+    if not pan:
+        raise HistoMoEError(f"--tasks applies to hest-pan only; use --task for {dataset}" if dataset == "hest"
+                            else f"--tasks applies to hest-pan only; {dataset} has no HEST-Bench tasks")
+    return pan_tasks(tasks)

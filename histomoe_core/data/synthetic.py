@@ -264,3 +264,58 @@ def synthetic_dir(**params) -> Path:
     """Cache folder of the synthetic dataset for ``params`` (content key of the parameters and this module's code)."""
     key = cache.content_key(params, cache.code_fingerprint(__name__))
     return paths.cache_dir() / "synthetic" / key
+
+
+# --- a pan-cancer HEST-Bench fixture: real task sample ids, panels that differ per task -------------------------
+
+#: task -> (organ, technology) of :func:`make_hest_pan`: Xenium-like targeted panels with control probes and a
+#: Visium-like whole transcriptome
+PAN_TASKS: dict[str, tuple[Organ, str]] = {
+    "LUNG": (ORGANS[2], "Xenium"),
+    "PAAD": (Organ("pancreas", "PAAD", "pancreatic adenocarcinoma", (230, 180, 215), 6.0, 60, 0.09, (1.0, 1.0, 0.95)),
+             "Xenium"),
+    "COAD": (ORGANS[1], "Visium"),
+}
+#: Xenium control probes and codewords written into every Xenium-like panel (never genes)
+CONTROL_PROBES = ("BLANK_0001", "BLANK_0002", "BLANK_0003", "NegControlProbe_00001", "NegControlProbe_00002",
+                  "NegControlCodeword_0500", "UnassignedCodeword_0001")
+
+
+def pan_genes(task: str, technology: str, shipped: list[str]) -> list[str]:
+    """The features of a fixture section: HEST's shipped list of the task plus a whole-transcriptome-like pool
+    (Visium) or a task-own targeted panel and the control probes (Xenium)."""
+    if technology == "Visium":
+        return list(dict.fromkeys(shipped + [f"GENE{i:03d}" for i in range(1, 121)]))
+    return list(dict.fromkeys(shipped + [f"{task}_PANEL{i:02d}" for i in range(1, 21)])) + list(CONTROL_PROBES)
+
+
+def make_hest_pan(out_dir: Path, *, tasks: dict[str, tuple[Organ, str]] | None = None, spots_per_section: int = 40,
+                  patch_px: int = 32, seed: int = 0) -> Path:
+    """Write the samples of several HEST-Bench tasks (their real ids, from ``data_manifests/hest1k.yaml``) in HEST's
+    layout, one patient per sample labelled ``"patient <j>"`` within a study per task (labels recur across
+    studies, as in HEST). Expression follows the module's generative model with each task's own programs; the
+    control probes get strong, varying counts so that a panel rule that kept them would pick them."""
+    from histomoe_core.data.hest import hest_task
+
+    out = Path(out_dir)
+    for d in ("st", "patches", "metadata", "wsis"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for t, (task, (organ, tech)) in enumerate((tasks or PAN_TASKS).items()):
+        info = hest_task(task)
+        genes = pan_genes(task, tech, info["genes"])
+        base, prog = _programs(1, len(genes), seed + 7 * t + 1)
+        ctrl = np.array([g in CONTROL_PROBES for g in genes])
+        base[0, ctrl] += 1.0
+        prog[0][:, ctrl] *= 2.5
+        for j, sid in enumerate(info["samples"]):
+            rng = np.random.default_rng([seed, 5, t, j])
+            offset = rng.normal(0, PATIENT_SD, len(genes))
+            meta = _write_section(out, sid, f"patient {j + 1}", 0, organ, genes, base[0], prog[0], offset,
+                                  spots_per_section, patch_px, rng)
+            meta |= {"patient": f"patient {j + 1}", "dataset_title": f"fixture {organ.name} study",
+                     "st_technology": tech, "species": "Homo sapiens", "dataset": "hest1k", "organ": organ.name.title()}
+            (out / "metadata" / f"{sid}.json").write_text(json.dumps(meta, indent=1))
+            rows.append(meta)
+    pd.DataFrame(rows).to_csv(out / "HEST_v1_1_0.csv", index=False)
+    return out
