@@ -108,8 +108,8 @@ def fold_arrays(table: SpotTable, samples: SampleSet, fold: Fold, *, genes: Sequ
                 ) -> tuple[FoldData, FoldData]:
     """Train and test :class:`FoldData` of ``fold`` with targets of ``kind`` on ``genes``.
 
-    ``scored(sample_id)`` gives the genes measured and scored in that section (a subset of ``genes``); its
-    targets are filled in, the rest stay 0 and are masked out (:attr:`FoldData.mask`). None: every gene of every
+    ``scored(sample_id)`` gives the genes scored in that section (a subset of ``genes``); those it measures are
+    filled in, the rest stay 0 and are masked out (:attr:`FoldData.mask`). None: every gene of every
     section. Gene names may carry a species prefix (``"mouse:Actb"``, see
     :func:`~histomoe_core.data.genes.gene_key`); targets are read under the bare symbol.
     """
@@ -135,7 +135,8 @@ def masked_targets(samples: SampleSet, genes: Sequence[str], kind: str, ids: Seq
     col = {g: j for j, g in enumerate(genes)}
     ys, ms = [], []
     for i in ids:
-        keep = [g for g in scored(i) if g in col]
+        measured = set(map(str, samples[i].adata.var_names))
+        keep = [g for g in scored(i) if g in col and symbol_of(g) in measured]  # a gene a section lacks: masked
         y = np.zeros((samples[i].n_spots, len(genes)), np.float32)
         m = np.zeros(y.shape, bool)
         if keep:

@@ -147,3 +147,25 @@ def test_per_context_benchmark_scores_each_context_on_its_panel(tmp_path, monkey
     assert (pc["n_genes"] <= 8).all()  # each context scored on its own panel only
     panel = run.panel("log1p", run.config["folds"][0]["name"])
     assert "context" in panel.columns and panel.groupby("context").size().max() == 8
+    # routing read back from the stored gates
+    from histomoe_core.benchmark.compare import bootstrap_difference, per_context_table
+    from histomoe_core.benchmark.routing import dominant_counts, expert_usage, routing_stats, top_spots
+
+    stats = routing_stats(run, "moe", target="log1p")
+    assert set(stats.index) == {f["name"] for f in run.config["folds"]} and ((stats["nmi"] >= 0) & (stats["nmi"] <= 1)).all()
+    usage = expert_usage(run, "moe", target="log1p")
+    assert np.allclose(usage.sum(1), 1.0, atol=1e-5) and len(usage) == 3
+    counts = dominant_counts(run, "moe", target="log1p")
+    assert counts.to_numpy().sum() == int(run.results.query("model == 'moe'")["n_test_spots"].sum())
+    top = top_spots(run, "moe", target="log1p", n=2)
+    assert (top.groupby("expert").size() <= 2).all() and top.groupby("expert")["gate"].apply(
+        lambda g: g.is_monotonic_decreasing).all()
+    with pytest.raises(ValueError, match="no gates"):
+        routing_stats(run, "ridge_cv", target="log1p")
+    # per-context comparison: one context, its own sections; the table's macro row is the mean of the contexts
+    table = per_context_table(run, target="log1p")
+    assert np.isclose(table.loc["macro mean", "moe"], table.drop(index=["macro mean", "worst context"])["moe"].mean())
+    ctx = pc["context"].iloc[0]
+    b = bootstrap_difference(run, "moe", "ridge_cv", target="log1p", context=ctx, n_boot=200)
+    assert b["lo"] < b["hi"] and b["n_sections"] == pc[pc["context"] == ctx]["n_sections"].groupby(
+        pc["fold"]).first().sum()

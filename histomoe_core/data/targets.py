@@ -25,7 +25,7 @@ def make_targets(adata: ad.AnnData, genes: Sequence[str], *, kind: TargetKind = 
         raise ValueError(f"unknown target kind {kind!r}; choose one of {TARGET_KINDS}")
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
-        raise DataError(f"genes {missing[:5]} are not measured in sample {adata.obs.get('sample_id', ['?'])[0]}")
+        raise DataError(f"genes {missing[:5]} are not measured in sample {next(iter(adata.obs.get('sample_id', ['?'])), '?')}")
     raw = dense(adata[:, list(genes)].X)
     if kind == "log1p":
         return np.log1p(raw)
