@@ -165,13 +165,20 @@ def inner_split(data: FoldData, *, seed: int = 0, by: str = "patient") -> tuple[
     """Boolean masks (train, val) holding out one group (see :func:`inner_group_by`) for validation.
 
     The held-out group is drawn with ``seed`` among the groups, so different seeds validate on different groups.
+    Data with per-context panels (a mask) hold out one group of every context that has two or more.
     """
     keys = getattr(data, inner_group_by(data, by))
     uniq = np.unique(keys)
     if len(uniq) < 2:
         raise ValueError("an inner validation split needs at least two sections in the training fold")
-    held = uniq[np.random.default_rng(seed).integers(len(uniq))]
-    val = keys == held
+    rng = np.random.default_rng(seed)
+    if data.mask is not None and len(np.unique(data.context)) > 1:
+        held = [g[rng.integers(len(g))] for c in np.unique(data.context)
+                for g in [np.unique(keys[data.context == c])] if len(g) > 1]
+        if held:
+            val = np.isin(keys, held)
+            return ~val, val
+    val = keys == uniq[rng.integers(len(uniq))]
     return ~val, val
 
 

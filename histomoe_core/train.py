@@ -136,7 +136,7 @@ def forward(model: nn.Module, t: dict[str, torch.Tensor], idx: torch.Tensor | sl
 
 
 @torch.no_grad()
-def predict_arrays(model: nn.Module, data: FoldData, *, batch_size: int = 4096, device: torch.device | None = None,
+def predict_arrays(model: nn.Module, data: FoldData, *, batch_size: int = 1024, device: torch.device | None = None,
                    tensors: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Eval-mode prediction: ``pred``, ``gates`` and ``expert_preds`` as numpy arrays."""
     base = model.module if hasattr(model, "module") else model

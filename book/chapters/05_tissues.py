@@ -210,7 +210,7 @@ lco_usage.round(2)
 # %% [markdown]
 # A context never seen in training costs the models {glue:text}`lco_mean_cost:.3f` of HEST metric on average
 # where a comparison exists; over the held-out contexts {glue:text}`lco_best` does best. The router has no
-# expert for an unseen tissue: the usage table shows which experts it borrows, and with one expert per training
-# context these are the contexts the image resembles most.
+# expert trained for an unseen tissue: the usage table shows which experts its spots are sent to (rows: the
+# held-out context of each fold).
 #
 # This run took {glue:text}`run_seconds:.0f` s (warm embeddings); the chapter reloads it from the cache.

@@ -69,7 +69,8 @@ SHARED_CONTEXT = {**CONTEXT_MOE, "expert": "linear", "shared_expert": True, "ini
 TISSUE_CANDIDATES = {
     "shared_meta_guided": {**SHARED_CONTEXT, "router_input": "meta", "top_k": 1, "guide_weight": 0.1},
     "shared_image": {**SHARED_CONTEXT, "router_input": "image"},
-    "anchored_image": {**ANCHORED, "centre": False},
+    # retrieval over every context's spots: k = 10 and 50 (k = 200 gathers 200 x the union panel per spot)
+    "anchored_image": {**ANCHORED, "retrieval_k": (10, 50), "centre": False},
 }
 TISSUE_MODELS: dict[str, dict] = {
     "ridge_cv": {"kind": "ridge_cv", "centre": False},  # one pooled ridge over every context
