@@ -209,3 +209,25 @@ def test_benchmark_config_keys_only_change_with_a_context_stage():
     assert "spatial_context" not in plain.as_dict()  # runs without context keep their cache keys
     ctx = make_config("synthetic", spatial_context={"neighbours": {"radius_um": 250}})
     assert ctx.as_dict()["spatial_context"] == {"neighbours": {"radius_um": 250}}
+
+
+def test_benchmark_plan_applies_the_stage_and_keys_its_features(tmp_path, monkeypatch):
+    from histomoe_core.benchmark.config import make_config
+    from histomoe_core.benchmark.inputs import input_digests, load_inputs
+    from histomoe_core.benchmark.units import Plan
+
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / "cache"))
+    opts = {"n_organs": 2, "patients_per_organ": 3, "spots_per_section": 30, "n_genes": 30, "patch_px": 32}
+    plain = make_config("synthetic", dataset_options=opts, models=["ridge_cv_raw"], n_genes=10)
+    samples, folds, img, meta, fixed = load_inputs(plain, progress=False)
+    digests = input_digests(samples, img, meta)
+    base = Plan(plain, samples, folds, img, meta, fixed, digests)
+    ctx = make_config(plain, spatial_context={"neighbours": {"radius_um": 300}, "section": {"use": "router"}},
+                      models=["ridge_cv_raw", "histomoe_route_image_spatial"])
+    work = Plan(ctx, samples, folds, img, meta, fixed, digests)
+    d = img[samples.ids[0]].shape[1]
+    assert base.table.x.shape[1] == d and base.table.spatial is None
+    assert work.table.x.shape[1] == 2 * d and work.table.spatial.shape[1] == d
+    assert work.inputs != base.inputs
+    tr, te = work.data("log1p", folds[0])
+    assert tr.spatial is not None and len(te.spatial) == len(te)
