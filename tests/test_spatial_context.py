@@ -231,3 +231,17 @@ def test_benchmark_plan_applies_the_stage_and_keys_its_features(tmp_path, monkey
     assert work.inputs != base.inputs
     tr, te = work.data("log1p", folds[0])
     assert tr.spatial is not None and len(te.spatial) == len(te)
+
+
+def test_neighbourhood_figure_shows_the_rings_of_one_spot(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from histomoe_core import pl
+
+    s = make_sample(tmp_path, "F", square_grid(5, 100.0) + 50, px_um=2.0, shape=(600, 600))
+    fig = pl.spatial_context.neighbourhood(s, "F_12", radius_um=[200, 300], wide_um=336)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["ring 1: 4 spots <= 200 um", "ring 2: 4 spots <= 300 um", "spot patch 112 um", "wide patch 336 um"]
+    corner = pl.spatial_context.neighbourhood(s, 0, radius_um=200, wide_um=None)  # clipped at the image corner
+    assert [t.get_text() for t in corner.axes[0].get_legend().get_texts()][0] == "ring 1: 2 spots <= 200 um"
