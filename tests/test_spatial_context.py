@@ -245,3 +245,30 @@ def test_neighbourhood_figure_shows_the_rings_of_one_spot(tmp_path):
     assert labels == ["ring 1: 4 spots <= 200 um", "ring 2: 4 spots <= 300 um", "spot patch 112 um", "wide patch 336 um"]
     corner = pl.spatial_context.neighbourhood(s, 0, radius_um=200, wide_um=None)  # clipped at the image corner
     assert [t.get_text() for t in corner.axes[0].get_legend().get_texts()][0] == "ring 1: 2 spots <= 200 um"
+
+
+def test_cli_refuses_a_bad_spatial_context_before_loading(capsys):
+    from histomoe_core.cli import main
+
+    assert main(["benchmark", "synthetic", "--spatial-context", '{"neighbors": {}}']) == 2
+    assert "unknown spatial context kind 'neighbors'" in capsys.readouterr().err
+    assert main(["benchmark", "synthetic", "--spatial-context", "{not json"]) == 2
+    assert "not JSON" in capsys.readouterr().err
+
+
+def test_combined_runs_refuse_other_panels(tmp_path):
+    from histomoe_core.benchmark.context_runs import CombinedRuns
+
+    class Fake:
+        def __init__(self, genes):
+            self.config = {"config": {"targets": ["log1p"]}, "folds": [{"name": "f"}]}
+            self.genes = genes
+
+        def panel(self, target, fold):
+            import pandas as pd
+
+            return pd.DataFrame(index=self.genes)
+
+    CombinedRuns({"none": Fake(["a", "b"]), "nbr": Fake(["a", "b"])})
+    with pytest.raises(HistoMoEError, match="panel"):
+        CombinedRuns({"none": Fake(["a", "b"]), "nbr": Fake(["a", "c"])})
