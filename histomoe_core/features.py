@@ -34,6 +34,9 @@ class FoldData:
     #: (N, G) bool, True where a gene is measured and scored for a spot (None: every gene of every spot);
     #: unmeasured entries of ``y`` are 0 and must be ignored by every loss and metric
     mask: np.ndarray | None = None
+    #: (N, C) float32 spatial-context features only a router reads (``router_input="spatial"`` or
+    #: ``"image+spatial"``, :mod:`~histomoe_core.spatial_context`); None: none
+    spatial: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -42,7 +45,8 @@ class FoldData:
         i = np.asarray(mask_or_idx)
         return replace(self, x=self.x[i], meta=self.meta[i], context=self.context[i], y=self.y[i],
                        sample=self.sample[i], patient=self.patient[i], spot=self.spot[i],
-                       mask=None if self.mask is None else self.mask[i])
+                       mask=None if self.mask is None else self.mask[i],
+                       spatial=None if self.spatial is None else self.spatial[i])
 
     def context_names(self) -> np.ndarray:
         """The context name of every spot."""
@@ -69,6 +73,7 @@ class SpotTable:
     patient: np.ndarray
     spot: np.ndarray
     contexts: tuple[str, ...]
+    spatial: np.ndarray | None = None  #: (N, C) router-only spatial context (:func:`~histomoe_core.spatial_context.apply_context`)
 
 
 def context_labels(samples: SampleSet, key: str = "organ") -> dict[str, str]:
@@ -123,7 +128,8 @@ def fold_arrays(table: SpotTable, samples: SampleSet, fold: Fold, *, genes: Sequ
         if len(y) != len(idx):
             raise DataError(f"fold {fold.name}: {len(idx)} embedded spots but {len(y)} target rows")
         out.append(FoldData(table.x[idx], table.meta[idx], table.context[idx], y, table.sample[idx],
-                            table.patient[idx], table.spot[idx], tuple(genes), table.contexts, mask))
+                            table.patient[idx], table.spot[idx], tuple(genes), table.contexts, mask,
+                            None if table.spatial is None else table.spatial[idx]))
     return out[0], out[1]
 
 

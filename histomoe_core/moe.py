@@ -42,7 +42,10 @@ from torch import Tensor, nn
 from histomoe_core.pca import standard_pca
 from histomoe_core.registry import Registry
 
-RouterInput = Literal["image", "meta", "both"]
+RouterInput = Literal["image", "meta", "both", "spatial", "image+spatial"]
+#: what each router input reads: the image features, the metadata embedding, the spatial-context features
+ROUTER_READS = {"image": ("image",), "meta": ("meta",), "both": ("image", "meta"), "spatial": ("spatial",),
+                "image+spatial": ("image", "spatial")}
 EXPERTS: Registry[nn.Module] = Registry("expert")
 
 
@@ -53,6 +56,8 @@ class MoEConfig:
     in_dim: int  #: image embedding dimension
     n_genes: int  #: output dimension (gene panel size)
     meta_dim: int = 0  #: metadata embedding dimension (0: no metadata)
+    #: spatial-context features only the router reads (:mod:`~histomoe_core.spatial_context`; 0: none)
+    spatial_dim: int = 0
     n_experts: int = 4  #: learned (routed) experts
     top_k: int | None = None  #: None = dense soft routing
     router_input: RouterInput = "image"
@@ -74,10 +79,13 @@ class MoEConfig:
     guide_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.router_input not in ("image", "meta", "both"):
-            raise ValueError(f"router_input must be 'image', 'meta' or 'both', got {self.router_input!r}")
-        if self.router_input != "image" and self.meta_dim <= 0:
+        if self.router_input not in ROUTER_READS:
+            raise ValueError(f"router_input must be one of {', '.join(map(repr, ROUTER_READS))}, got {self.router_input!r}")
+        if "meta" in ROUTER_READS[self.router_input] and self.meta_dim <= 0:
             raise ValueError(f"router_input={self.router_input!r} needs meta_dim > 0 (the metadata embedding size)")
+        if "spatial" in ROUTER_READS[self.router_input] and self.spatial_dim <= 0:
+            raise ValueError(f"router_input={self.router_input!r} needs spatial_dim > 0: a spatial context kind with "
+                             "use 'router' or 'both' in the benchmark's spatial_context")
         if self.n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
         if self.top_k is not None and not 1 <= self.top_k <= self.n_routed:
@@ -102,6 +110,11 @@ class MoEConfig:
     @property
     def feat_dim(self) -> int:
         return self.pca_dim or self.in_dim
+
+    @property
+    def spatial_feat_dim(self) -> int:
+        """Router width of the spatial features: standardised, projected on ``pca_dim`` components if smaller."""
+        return min(self.pca_dim, self.spatial_dim) if self.pca_dim else self.spatial_dim
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -164,14 +177,16 @@ class InputNorm(nn.Module):
 
 
 class Router(nn.Module):
-    """Router logits from the image features, the metadata embedding, or both; gates soft or top-k."""
+    """Router logits from the image features, the metadata embedding, the spatial-context features (normalised
+    by :class:`HistoMoE`) or a combination (:data:`ROUTER_READS`); gates soft or top-k."""
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.use_image = cfg.router_input in ("image", "both")
-        self.use_meta = cfg.router_input in ("meta", "both")
-        d = (cfg.feat_dim if self.use_image else 0) + (cfg.meta_dim if self.use_meta else 0)
+        reads = ROUTER_READS[cfg.router_input]
+        self.use_image, self.use_meta, self.use_spatial = ("image" in reads), ("meta" in reads), ("spatial" in reads)
+        d = ((cfg.feat_dim if self.use_image else 0) + (cfg.meta_dim if self.use_meta else 0)
+             + (cfg.spatial_feat_dim if self.use_spatial else 0))
         # metadata embeddings (unit-norm text vectors, one-hots) are brought to the scale of standardised features
         self.meta_norm = nn.LayerNorm(cfg.meta_dim, elementwise_affine=False) if self.use_meta else None
         e = cfg.n_routed
@@ -188,7 +203,7 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise.weight)
             nn.init.zeros_(self.noise.bias)
 
-    def inputs(self, x: Tensor, meta: Tensor | None) -> Tensor:
+    def inputs(self, x: Tensor, meta: Tensor | None, spatial: Tensor | None = None) -> Tensor:
         parts = []
         if self.use_image:
             parts.append(x)
@@ -198,12 +213,18 @@ class Router(nn.Module):
             if meta.dim() == 1:
                 meta = meta.expand(x.shape[0], -1)
             parts.append(self.meta_norm(meta.to(x.dtype)))
+        if self.use_spatial:
+            if spatial is None:
+                raise ValueError(f"router_input={self.cfg.router_input!r} needs spatial features "
+                                 f"(B, {self.cfg.spatial_feat_dim})")
+            parts.append(spatial.to(x.dtype))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def forward(self, x: Tensor, meta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, meta: Tensor | None = None, spatial: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(logits, gates, dispatch)``: clean logits, gate weights (rows sum to 1) and the 0/1
         dispatch mask used by the balance loss (top-k experts, or the top-1 expert for soft routing)."""
-        h = self.inputs(x, meta)
+        h = self.inputs(x, meta, spatial)
         logits = self.net(h)
         noisy = logits
         if self.noise is not None and self.training:
@@ -338,6 +359,7 @@ class HistoMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.input_norm = InputNorm(cfg.in_dim, cfg.pca_dim)
+        self.spatial_norm = InputNorm(cfg.spatial_dim, cfg.spatial_feat_dim) if cfg.spatial_dim else None
         self.router = Router(cfg)
         self.experts = EXPERTS.create(cfg.expert, n=cfg.n_experts, in_dim=cfg.feat_dim, out_dim=cfg.n_genes,
                                       hidden=cfg.hidden, dropout=cfg.dropout)
@@ -352,9 +374,13 @@ class HistoMoE(nn.Module):
 
     # -- fitting helpers (train data only) --
     @torch.no_grad()
-    def fit_input(self, img_emb: Tensor) -> "HistoMoE":
-        """Fit the standardisation (and PCA) buffers on training embeddings."""
+    def fit_input(self, img_emb: Tensor, spatial: Tensor | None = None) -> "HistoMoE":
+        """Fit the standardisation (and PCA) buffers on training embeddings (and spatial-context features)."""
         self.input_norm.fit(torch.as_tensor(img_emb))
+        if self.spatial_norm is not None:
+            if spatial is None:
+                raise ValueError(f"this HistoMoE reads {self.cfg.spatial_dim} spatial features; pass them to fit_input")
+            self.spatial_norm.fit(torch.as_tensor(spatial))
         return self
 
     @torch.no_grad()
@@ -374,13 +400,17 @@ class HistoMoE(nn.Module):
 
     # -- forward --
     def forward(self, img_emb: Tensor, meta_emb: Tensor | None = None, context: Tensor | None = None, *,
-                query_group: Tensor | None = None) -> MoEOutput:
+                query_group: Tensor | None = None, spatial_emb: Tensor | None = None) -> MoEOutput:
         """``img_emb (B, D)``, ``meta_emb (B, M)`` or ``(M,)``, ``context (B,)`` long labels (for the guided
-        loss), ``query_group (B,)`` group ids the retrieval expert must not retrieve from (training)."""
+        loss), ``query_group (B,)`` group ids the retrieval expert must not retrieve from (training),
+        ``spatial_emb (B, C)`` spatial-context features for a router that reads them."""
         if img_emb.dim() != 2 or img_emb.shape[1] != self.cfg.in_dim:
             raise ValueError(f"img_emb must be (B, {self.cfg.in_dim}), got {tuple(img_emb.shape)}")
         x = self.input_norm(img_emb.float())
-        logits, gates, dispatch = self.router(x, meta_emb)
+        spatial = None
+        if self.spatial_norm is not None and spatial_emb is not None:
+            spatial = self.spatial_norm(spatial_emb.float())
+        logits, gates, dispatch = self.router(x, meta_emb, spatial)
         expert_preds = self.experts(self.input_drop(x))
         if self.retrieval is not None:
             expert_preds = torch.cat([expert_preds, self.retrieval(x, query_group)], dim=1)
@@ -470,7 +500,7 @@ def gate_entropy(gates: Tensor | np.ndarray) -> float:
 
 
 __all__: Sequence[str] = [
-    "EXPERTS", "MoEConfig", "MoEOutput", "InputNorm", "Router", "LinearExperts", "MLPExperts", "RetrievalExpert",
+    "EXPERTS", "ROUTER_READS", "MoEConfig", "MoEOutput", "InputNorm", "Router", "LinearExperts", "MLPExperts", "RetrievalExpert",
     "HistoMoE", "HistoMoEEndToEnd", "switch_balance_loss", "router_z_loss", "count_parameters", "build_moe",
     "gate_entropy",
 ]

@@ -40,7 +40,7 @@ from torch import nn
 
 from histomoe_core.evaluate import hest_metric
 from histomoe_core.features import FoldData, group_folds, inner_split
-from histomoe_core.moe import HistoMoE, MoEConfig, MoEOutput
+from histomoe_core.moe import ROUTER_READS, HistoMoE, MoEConfig, MoEOutput
 
 
 @dataclass(frozen=True)
@@ -126,13 +126,15 @@ def _tensors(data: FoldData, device: torch.device, group_by: str = "patient") ->
     }
     t["meta"] = torch.as_tensor(data.meta, dtype=torch.float32, device=device) if data.meta.shape[1] else None
     t["mask"] = None if data.mask is None else torch.as_tensor(data.mask, dtype=torch.bool, device=device)
+    t["spatial"] = None if data.spatial is None else torch.as_tensor(data.spatial, dtype=torch.float32, device=device)
     return t
 
 
 def forward(model: nn.Module, t: dict[str, torch.Tensor], idx: torch.Tensor | slice, *, exclude_group: bool) -> MoEOutput:
     meta = None if t["meta"] is None else t["meta"][idx]
     group = t["group"][idx] if exclude_group else None
-    return model(t["x"][idx], meta, t["context"][idx], query_group=group)
+    spatial = None if t.get("spatial") is None else t["spatial"][idx]
+    return model(t["x"][idx], meta, t["context"][idx], query_group=group, spatial_emb=spatial)
 
 
 @torch.no_grad()
@@ -367,13 +369,17 @@ class MoERegressor:
             kw["n_experts"] = max(len(data.contexts), 1)
         if kw.get("pca_dim"):
             kw["pca_dim"] = int(min(kw["pca_dim"], len(data) - 1, data.x.shape[1]))
+        # router-only spatial context joins the config only when the router reads it
+        reads_spatial = "spatial" in ROUTER_READS.get(kw.get("router_input", "image"), ())
+        spatial_dim = data.spatial.shape[1] if reads_spatial and data.spatial is not None else 0
         return MoEConfig(in_dim=data.x.shape[1], n_genes=data.y.shape[1], meta_dim=data.meta.shape[1],
-                         n_contexts=max(len(data.contexts), 1), **kw)
+                         spatial_dim=spatial_dim, n_contexts=max(len(data.contexts), 1), **kw)
 
     def build(self, data: FoldData) -> HistoMoE:
         """A fresh model prepared on ``data`` (input statistics, retrieval bank, ridge start)."""
         model = HistoMoE(self.config_for(data))
-        model.fit_input(torch.as_tensor(data.x))
+        model.fit_input(torch.as_tensor(data.x),
+                        None if model.spatial_norm is None else torch.as_tensor(data.spatial))
         if model.retrieval is not None:
             model.set_bank(torch.as_tensor(data.x), torch.as_tensor(data.y), torch.as_tensor(data.groups(self.retrieval_exclude)),
                            None if data.mask is None else torch.as_tensor(data.mask))

@@ -44,7 +44,7 @@ all models aggregate the same way (their sd over seeds is 0).
 from histomoe_core.benchmark.config import PROFILES, BenchmarkConfig, make_config
 from histomoe_core.benchmark.inputs import dataset_digest, load_inputs, normalise_embeddings, request_key, run_key
 from histomoe_core.benchmark.models import (ABLATION_NOTES, ABLATION_REFERENCES, ABLATIONS, ANCHORED, MODELS,
-                                            NEURAL_KINDS, PLAIN, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TRAIN,
+                                            NEURAL_KINDS, PLAIN, SPATIAL_ABLATIONS, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TRAIN,
                                             ablation_models, ablation_references, create_model, describe_model,
                                             is_deterministic, is_selection, select)
 from histomoe_core.benchmark.results import BenchmarkRun, find_runs
@@ -54,7 +54,7 @@ from histomoe_core.features import centre_sections
 
 __all__ = [
     "ABLATIONS", "ABLATION_NOTES", "ABLATION_REFERENCES", "ANCHORED", "BenchmarkConfig", "BenchmarkRun", "MODELS",
-    "NEURAL_KINDS", "PLAIN", "PROFILES", "SYNTHETIC_ABLATIONS", "SYNTHETIC_HISTOMOE", "TRAIN", "ablation_models",
+    "NEURAL_KINDS", "PLAIN", "PROFILES", "SPATIAL_ABLATIONS", "SYNTHETIC_ABLATIONS", "SYNTHETIC_HISTOMOE", "TRAIN", "ablation_models",
     "ablation_references", "centre_sections", "create_model", "dataset_digest", "describe_model", "find_runs",
     "is_deterministic", "is_selection", "load_inputs", "make_config", "normalise_embeddings", "request_key", "resolve_jobs", "run_benchmark", "run_key",
     "select", "stratified_folds",

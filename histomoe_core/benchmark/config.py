@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from histomoe_core.benchmark.models import (ABLATIONS, MODELS, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE, TISSUE_MODELS,
-                                            TRAIN)
+from histomoe_core.benchmark.models import (ABLATIONS, MODELS, SPATIAL_ABLATIONS, SYNTHETIC_ABLATIONS, SYNTHETIC_HISTOMOE,
+                                            TISSUE_MODELS, TRAIN)
 from histomoe_core.errors import HistoMoEError
 
 
@@ -43,9 +43,16 @@ class BenchmarkConfig:
     embedding_norm: str = "none"
     train: Mapping[str, Any] = field(default_factory=lambda: dict(TRAIN))
     patch: Mapping[str, Any] = field(default_factory=dict)  #: PatchSpec fields
+    #: spatial context stage (:mod:`~histomoe_core.spatial_context`): kind ("neighbours", "wide", "section") ->
+    #: options and ``use`` ("features": appended to every model's image features; "router": read only by a
+    #: HistoMoE router with router_input "spatial" / "image+spatial"; "both"). Empty: one patch per spot
+    spatial_context: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=list))
+        d = json.loads(json.dumps(asdict(self), default=list))
+        if not d["spatial_context"]:  # runs without context keep the keys they had before the stage existed
+            del d["spatial_context"]
+        return d
 
 
 PROFILES: dict[str, dict] = {
@@ -109,7 +116,7 @@ def make_config(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st", *
         base = dict(profile)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "models" in overrides and isinstance(overrides["models"], (list, tuple)):
-        table = {**MODELS, **ABLATIONS, **SYNTHETIC_ABLATIONS, **base.get("models", {})}
+        table = {**MODELS, **ABLATIONS, **SYNTHETIC_ABLATIONS, **SPATIAL_ABLATIONS, **base.get("models", {})}
         unknown = [m for m in overrides["models"] if m not in table]
         if unknown:
             raise HistoMoEError(f"unknown models {unknown}; known: {', '.join(table)}")

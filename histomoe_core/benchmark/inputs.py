@@ -18,7 +18,7 @@ CODE_MODULES = (
     "histomoe_core.benchmark.units", "histomoe_core.benchmark.results", "histomoe_core.benchmark.runner",
     "histomoe_core.benchmark.panels", "histomoe_core.benchmark.selection",
     "histomoe_core.moe", "histomoe_core.train", "histomoe_core.baselines", "histomoe_core.evaluate", "histomoe_core.features", "histomoe_core.pca", "histomoe_core.data.genes",
-    "histomoe_core.data.targets", "histomoe_core.data.splits",
+    "histomoe_core.data.targets", "histomoe_core.data.splits", "histomoe_core.spatial_context",
 )
 RUN_VERSION = 1
 #: modules whose source decides one fit (a "unit"); bump UNIT_VERSION when the unit layout changes

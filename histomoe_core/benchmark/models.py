@@ -119,6 +119,14 @@ ABLATIONS: dict[str, dict] = {
     "moe_soft_mlp_raw": {**PLAIN, "centre": False},
     "histomoe_raw": {**ANCHORED, "centre": False},
 }
+#: routing on spatial context (issue 15): need a ``spatial_context`` kind with use "router" or "both" in the
+#: benchmark config; kept out of ABLATIONS, which runs without a context stage
+SPATIAL_ABLATIONS: dict[str, dict] = {
+    "histomoe_route_spatial": {**ANCHORED, "router_input": "spatial", "centre": True},
+    "histomoe_route_image_spatial": {**ANCHORED, "router_input": "image+spatial", "centre": True},
+    "moe_soft_mlp_route_image_spatial": {**PLAIN, "router_input": "image+spatial", "centre": True},
+}
+
 #: the models every her2st ablation run compares against
 ABLATION_REFERENCES = ("ridge_cv", "knn_k50", "moe_soft_mlp", "histomoe_anchored", "histomoe")
 
@@ -169,6 +177,9 @@ ABLATION_NOTES: dict[str, tuple[str, str]] = {
     "knn_k50_raw": ("training targets", "knn_k50 on raw targets"),
     "moe_soft_mlp_raw": ("training targets", "plain soft MoE on raw targets"),
     "histomoe_raw": ("training targets", "the anchored MoE on raw targets"),
+    "histomoe_route_spatial": ("spatial context", "anchored MoE, router reads the spatial context only"),
+    "histomoe_route_image_spatial": ("spatial context", "anchored MoE, router reads image and spatial context"),
+    "moe_soft_mlp_route_image_spatial": ("spatial context", "plain soft MoE, router reads image and spatial context"),
 }
 
 
@@ -223,7 +234,8 @@ def describe_model(spec: Mapping[str, Any]) -> str:
     tail = targets[spec.get("centre")]
     if kind != "histomoe":
         return f"{kind}, {tail}"
-    router = {"image": "the image", "meta": "the metadata", "both": "the image and the metadata"}[
+    router = {"image": "the image", "meta": "the metadata", "both": "the image and the metadata",
+              "spatial": "the spatial context", "image+spatial": "the image and the spatial context"}[
         spec.get("router_input", "image")]
     if spec.get("retrieval_k"):
         ks = ", ".join(map(str, spec["retrieval_k"]))

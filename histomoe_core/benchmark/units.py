@@ -79,6 +79,25 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
                         "genes": list(test.genes)}, tmp / "model.pt")
 
 
+def wide_embedder(cfg: BenchmarkConfig, samples) -> Callable:
+    """PatchSpec -> embeddings of every sample by the run's encoder (cached as the spot patches are)."""
+    def embed(spec):
+        from histomoe_core.embed import embed_samples
+
+        return embed_samples(samples, cfg.encoder, spec=spec, progress=False)
+    return embed
+
+
+def context_digest(cfg: BenchmarkConfig, table) -> tuple[str, ...]:
+    """Digest of the features the spatial context stage produced (nothing without a stage: keys unchanged)."""
+    from histomoe_core.benchmark.inputs import _array_digest
+
+    if not cfg.spatial_context:
+        return ()
+    arrays = {"x": table.x, **({} if table.spatial is None else {"spatial": table.spatial})}
+    return (_array_digest(arrays),)
+
+
 @dataclass
 class Job:
     """Work that is not in the cache yet: ``fn(*args)`` writes one artifact folder."""
@@ -98,12 +117,13 @@ class Plan:
 
     def __init__(self, cfg: BenchmarkConfig, samples, folds, img, meta, fixed, digests: tuple[str, str, str]) -> None:
         from histomoe_core.features import spot_table
+        from histomoe_core.spatial_context import apply_context
 
         self.cfg, self.samples, self.folds, self.fixed = cfg, samples, folds, fixed
-        self.table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta,
-                                context_key=cfg.context_key)
+        table = spot_table(samples, normalise_embeddings(img, cfg.embedding_norm), meta, context_key=cfg.context_key)
+        self.table = apply_context(table, samples, cfg.spatial_context, embed=wide_embedder(cfg, samples))
         self.inputs = cache.content_key(cfg.dataset, dict(cfg.dataset_options), cfg.context_key, *digests,
-                                        cfg.embedding_norm)
+                                        cfg.embedding_norm, *context_digest(cfg, self.table))
         self.code = cache.code_fingerprint(*UNIT_MODULES)
         self.panels = {(t, f.name): fold_panels(samples, f, target=t, n_genes=cfg.n_genes, min_frac=cfg.min_frac,
                                                 rule=cfg.panel_rule, scope=cfg.panels, context_key=cfg.context_key,

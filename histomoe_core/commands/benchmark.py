@@ -7,6 +7,7 @@ examples:
   histomoe benchmark hest-pan --tasks IDC PRAD LUNG --encoder hf-hub:MahmoodLab/UNI
   histomoe benchmark her2st --models ridge_cv knn histomoe --targets log1p
   histomoe benchmark her2st --ablations --targets log1p
+  histomoe benchmark her2st --models ridge_cv knn_k50 --spatial-context '{"neighbours": {"radius_um": [250, 450]}}'
 
 DATASET names a profile (her2st, synthetic, tissues, hest, hest-pan; see ``histomoe_core.benchmark.PROFILES``). A re-run with
 nothing changed prints the finished run's summary at once; an interrupted run resumes.
@@ -41,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-centre", action="store_true", help="train on raw targets instead of section-centred ones")
     p.add_argument("--embedding-norm", choices=["none", "section"], default=None,
                    help="centre embeddings per section (every model alike); transductive: reads the test images")
+    p.add_argument("--spatial-context", default=None, metavar="JSON",
+                   help="spatial context stage as JSON (or a JSON file): kind (neighbours, wide, section) -> options "
+                   "and use (features, router, both); see histomoe_core.spatial_context")
     p.add_argument("--ablations", action="store_true", help="run the profile's ablation models (book chapter 08)")
     p.add_argument("--threads", type=nonneg_int, default=1, help="BLAS / torch threads per fit (default 1: small problems, shared CPUs; 0 = library default)")
     p.add_argument("--jobs", type=positive_int, default=None,
@@ -59,6 +63,7 @@ def run(args) -> int:
     tasks = pan_task_option(args.dataset, args.tasks, args.task)
     selection_options(PROFILES.get(args.dataset, {}).get("dataset", args.dataset), args.task, None)
     n_jobs = resolve_jobs(args.jobs)  # HISTOMOE_JOBS too, before anything is loaded
+    spatial = spatial_context_option(args.spatial_context)
 
     overrides = {
         "encoder": args.encoder, "text_encoder": args.text_encoder, "models": args.models, "seeds": args.seeds,
@@ -67,6 +72,8 @@ def run(args) -> int:
     }
     if args.ablations:
         overrides["models"] = args.models or ablation_models(args.dataset)
+    if spatial:
+        overrides["spatial_context"] = spatial
     if args.no_centre:
         overrides["centre_targets"] = False
     profile = args.dataset if args.dataset in PROFILES else {**PROFILES["her2st"], "dataset": args.dataset}
@@ -96,3 +103,24 @@ def pan_task_option(dataset: str, tasks: list[str] | None, task: str | None = No
         raise HistoMoEError(f"--tasks applies to hest-pan only; use --task for {dataset}" if dataset == "hest"
                             else f"--tasks applies to hest-pan only; {dataset} has no HEST-Bench tasks")
     return pan_tasks(tasks)
+
+
+def spatial_context_option(raw: str | None) -> dict:
+    """The ``--spatial-context`` JSON (inline or a file path), checked before anything is loaded."""
+    import json
+    from pathlib import Path
+
+    from histomoe_core.errors import HistoMoEError
+    from histomoe_core.spatial_context import check_spec
+
+    if not raw:
+        return {}
+    text = Path(raw).read_text() if not raw.lstrip().startswith("{") and Path(raw).is_file() else raw
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HistoMoEError(f"--spatial-context is not JSON ({exc}); e.g. '{{\"neighbours\": {{\"radius_um\": 250}}}}'") from None
+    if not isinstance(spec, dict):
+        raise HistoMoEError("--spatial-context must be a JSON object: kind -> options")
+    check_spec(spec)
+    return spec
