@@ -33,6 +33,8 @@ class TrainRequest:
     encoder: str | None = None  #: None: the profile's
     text_encoder: str | None = None
     n_genes: int | None = None
+    epochs: int | None = None  #: override the profile's maximum epochs (neural models)
+    patch: tuple[tuple[str, Any], ...] = ()  #: PatchSpec fields, e.g. (("size_um", 56.0), ("out_px", 64))
 
 
 def training_samples(req: TrainRequest):
@@ -67,9 +69,11 @@ def make_train_config(req: TrainRequest):
 
     profile = req.datasets[0] if req.datasets[0] in PROFILES and len(req.datasets) == 1 else \
         {**PROFILES["her2st"], "dataset": "+".join(req.datasets)}
-    cfg = make_config(profile, models=[req.model], targets=[req.target], seeds=[req.seed], encoder=req.encoder,
-                      text_encoder=req.text_encoder, n_genes=req.n_genes)
-    return cfg
+    base = make_config(profile)
+    train = {**dict(base.train), **({"epochs": req.epochs} if req.epochs else {})}
+    return make_config(base, models=[req.model], targets=[req.target], seeds=[req.seed], encoder=req.encoder,
+                       text_encoder=req.text_encoder, n_genes=req.n_genes, train=train,
+                       patch={**dict(base.patch), **dict(req.patch)})
 
 
 def train_arrays(cfg, samples):
@@ -118,7 +122,7 @@ def provenance(samples, cfg, req: TrainRequest) -> dict:
         "datasets": list(req.datasets), "dataset_sha256": dataset_digest(samples),
         "sections": [{"sample_id": s.sample_id, "patient": s.patient, "n_spots": s.n_spots,
                       "image_sha256": file_sha256(s.image_path) if s.image_path else None} for s in samples],
-        "request": {k: (list(v) if isinstance(v, tuple) else v) for k, v in req.__dict__.items()},
+        "request": {k: (list(v) if isinstance(v, tuple) else v) for k, v in req.__dict__.items() if k != "patch"},
         "config": cfg.as_dict(),
     }
 

@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--spots", type=Path, default=None,
                        help="CSV of spot centres (x, y in level-0 px) or a Space Ranger tissue_positions file")
     p.add_argument("--um-per-px", type=float, default=None, help="pixel size at level 0 (when the file lacks it)")
+    p.add_argument("--name", default=None, help="sample name (default: the file name's stem)")
     p.add_argument("--genes", nargs="+", default=None, help="genes to map as PNG (default: the panel's first 4)")
     p.add_argument("--no-zarr", action="store_true", help="skip the SpatialData zarr")
     p.add_argument("--batch-size", type=int, default=64)
@@ -65,7 +66,8 @@ def run(args) -> int:
                           min_object_um2=args.min_object_um2, hole_um2=args.hole_um2, closing_um=args.closing_um,
                           min_tissue=args.min_tissue)
     pred = predict_slide(args.slide, bundle, spots=spots, meta=meta, um_per_px=args.um_per_px, tissue=tissue,
-                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                         name=args.name)
     files = write_outputs(pred, args.out, genes=args.genes, zarr=not args.no_zarr)
     a = pred.adata
     print(f"{args.slide.name}: {a.n_obs} spots x {a.n_vars} genes ({pred.info['mode']}, "

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None, help="vision encoder (default: the dataset profile's)")
     p.add_argument("--text-encoder", default=None, help="metadata encoder (minilm or onehot)")
     p.add_argument("--n-genes", type=int, default=None, help="panel size (default 50)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs of neural models (default: the profile's)")
+    p.add_argument("--size-um", type=float, default=None, help="patch width in micrometres (default 112)")
+    p.add_argument("--out-px", type=int, default=None, help="patch pixels fed to the encoder (default 224)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.set_defaults(func=run)
 
@@ -30,7 +33,9 @@ def run(args) -> int:
 
     req = TrainRequest(datasets=tuple(args.datasets), sections=tuple(args.sections) if args.sections else None,
                        exclude_patients=tuple(args.exclude_patient), model=args.model, target=args.target,
-                       seed=args.seed, encoder=args.encoder, text_encoder=args.text_encoder, n_genes=args.n_genes)
+                       seed=args.seed, encoder=args.encoder, text_encoder=args.text_encoder, n_genes=args.n_genes,
+                       epochs=args.epochs, patch=tuple((k, v) for k, v in (("size_um", args.size_um),
+                                                                           ("out_px", args.out_px)) if v is not None))
     man = train_bundle(req, args.out)
     for line in describe(man):
         print(line)

@@ -123,7 +123,7 @@ def write_outputs(pred, out: Path, *, genes: Sequence[str] | None = None, n_gene
     if unknown:
         raise DataError(f"--genes {unknown} are not in the bundle's panel; e.g. {', '.join(adata.var_names[:8])}")
     spot_px = float(pred.info["crop_px"])
-    lib = Path(pred.info["slide"]).name.split(".")[0]
+    lib = pred.info["name"]
     with_scanpy_image(adata, pred.thumbnail, pred.downsample, spot_px, lib)
     with cache.atomic_dir(out) as tmp:
         adata.write_h5ad(tmp / "predictions.h5ad")

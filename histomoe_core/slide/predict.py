@@ -57,13 +57,15 @@ def read_spots(path: Path) -> pd.DataFrame:
     return out
 
 
-def slide_sample(path: Path, spots: pd.DataFrame, um_per_px: float, meta: Mapping[str, str]):
-    """A :class:`~histomoe_core.data.sample.Sample` of the slide's spots (no counts)."""
+def slide_sample(path: Path, spots: pd.DataFrame, um_per_px: float, meta: Mapping[str, str], name: str | None = None):
+    """A :class:`~histomoe_core.data.sample.Sample` of the slide's spots (no counts), named ``name`` (default: the
+    file name's stem; the name is part of the embedding cache's file name, so a dataset's own name reuses its
+    cached embeddings)."""
     from histomoe_core.data.sample import Sample
 
     adata = ad.AnnData(X=sp.csr_matrix((len(spots), 0), dtype=np.float32), obs=spots.copy())
     adata.obsm["spatial"] = spots[["x", "y"]].to_numpy(float)
-    return Sample(sample_id=Path(path).name.split(".")[0], patient="unknown", adata=adata, pixel_size_um=um_per_px,
+    return Sample(sample_id=name or Path(path).name.split(".")[0], patient="unknown", adata=adata, pixel_size_um=um_per_px,
                   image_path=Path(path), meta=dict(meta))
 
 
@@ -129,7 +131,7 @@ def embed_spots(sample, slide, bundle, *, batch_size: int, device, progress: boo
 
 def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta: Mapping[str, str] | None = None,
                   um_per_px: float | None = None, tissue: TissueParams = TissueParams(), batch_size: int = 64,
-                  device: str | None = None, progress: bool = True) -> SlidePrediction:
+                  device: str | None = None, progress: bool = True, name: str | None = None) -> SlidePrediction:
     """Predict ``bundle``'s genes at ``spots`` (level-0 px; None: a grid at the patch spacing over tissue)."""
     from histomoe_core.benchmark.units import predict_model
     from histomoe_core.cache import file_sha256
@@ -150,7 +152,7 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
             if spots is None or spots.empty:
                 raise DataError(f"no tissue found in {Path(path).name} (Otsu on the thumbnail's saturation); lower "
                                 "--min-tissue / --min-saturation, check --um-per-px, or pass --spots FILE")
-        sample = slide_sample(path, spots, slide.um_per_px, meta or {})
+        sample = slide_sample(path, spots, slide.um_per_px, meta or {}, name)
         x = embed_spots(sample, slide, bundle, batch_size=batch_size, device=device, progress=progress)
         backend, size, downsamples = slide.backend, slide.size, slide.downsamples
         um = float(slide.um_per_px)
@@ -164,7 +166,7 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
                     patient=np.full(n, "unknown"), spot=np.asarray(spots.index, str), genes=tuple(bundle.genes),
                     contexts=tuple(bundle.contexts))
     pred, extra = predict_model(bundle.estimator, data)
-    info = {"slide": str(Path(path).resolve()), "slide_sha256": file_sha256(Path(path)), "backend": backend,
+    info = {"name": sample.sample_id, "slide": str(Path(path).resolve()), "slide_sha256": file_sha256(Path(path)), "backend": backend,
             "size_px": list(size), "downsamples": list(downsamples), "um_per_px": um, "crop_px": crop,
             "mode": "grid" if mask is not None else "spots", "tissue": tissue.as_dict() if mask is not None else None,
             "meta": dict(meta or {}), "bundle": str(Path(bundle.path).resolve()),

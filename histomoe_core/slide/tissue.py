@@ -44,7 +44,7 @@ def tissue_mask(thumb: np.ndarray, um_per_thumb_px: float, params: TissueParams 
     px2 = um_per_thumb_px ** 2
     radius = int(round(params.closing_um / um_per_thumb_px))
     if radius >= 1:
-        mask = morphology.binary_closing(mask, morphology.disk(radius))
+        mask = morphology.closing(mask, morphology.disk(radius)).astype(bool)
     mask = morphology.remove_small_objects(mask, max_size=max(int(params.min_object_um2 / px2), 1))
     return morphology.remove_small_holes(mask, max_size=max(int(params.hole_um2 / px2), 1))
 
