@@ -72,6 +72,9 @@ def run(args) -> int:
     a = pred.adata
     print(f"{args.slide.name}: {a.n_obs} spots x {a.n_vars} genes ({pred.info['mode']}, "
           f"{pred.info['um_per_px']:.4g} um/px, {pred.info['backend']})")
+    e = pred.info["embedding"]
+    if e["n_patches"]:
+        print(f"  embedded {e['n_patches']} patches in {e['seconds']:.1f} s ({e['n_patches'] / e['seconds']:.1f} patches/s)")
     for k, v in files.items():
         print(f"  {k}: {v}")
     return 0

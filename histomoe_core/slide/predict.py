@@ -116,17 +116,17 @@ def novelty(bundle, x: np.ndarray, *, chunk: int = 2048) -> np.ndarray:
     return (torch.cat(out).numpy() / np.sqrt(x.shape[1])).astype(np.float32)
 
 
-def embed_spots(sample, slide, bundle, *, batch_size: int, device, progress: bool) -> np.ndarray:
-    """(n_spots, D) embeddings (cached, resumable); JPEG / PNG go through the dataset path (same pixels, same
+def embed_spots(sample, slide, bundle, *, batch_size: int, device, progress: bool):
+    """``(embeddings (n_spots, D), EmbedStats)`` (cached, resumable); JPEG / PNG go through the dataset path (same pixels, same
     cache entries as ``histomoe embed``), tiled slides through :class:`~histomoe_core.slide.patches.SlidePatches`."""
     from histomoe_core.data.patches import PatchSpec
     from histomoe_core.embed import run_embedding
     from histomoe_core.slide.patches import SlidePatches
 
     reader = None if slide.backend == "pillow" else SlidePatches(slide)
-    emb, _ = run_embedding([sample], bundle.encoder, spec=PatchSpec(**bundle.patch), batch_size=batch_size,
-                           device=device, progress=progress, reader=reader)
-    return emb[sample.sample_id]
+    emb, stats = run_embedding([sample], bundle.encoder, spec=PatchSpec(**bundle.patch), batch_size=batch_size,
+                               device=device, progress=progress, reader=reader)
+    return emb[sample.sample_id], stats
 
 
 def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta: Mapping[str, str] | None = None,
@@ -153,7 +153,7 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
                 raise DataError(f"no tissue found in {Path(path).name} (Otsu on the thumbnail's saturation); lower "
                                 "--min-tissue / --min-saturation, check --um-per-px, or pass --spots FILE")
         sample = slide_sample(path, spots, slide.um_per_px, meta or {}, name)
-        x = embed_spots(sample, slide, bundle, batch_size=batch_size, device=device, progress=progress)
+        x, stats = embed_spots(sample, slide, bundle, batch_size=batch_size, device=device, progress=progress)
         backend, size, downsamples = slide.backend, slide.size, slide.downsamples
         um = float(slide.um_per_px)
     finally:
@@ -169,6 +169,8 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
     info = {"name": sample.sample_id, "slide": str(Path(path).resolve()), "slide_sha256": file_sha256(Path(path)), "backend": backend,
             "size_px": list(size), "downsamples": list(downsamples), "um_per_px": um, "crop_px": crop,
             "mode": "grid" if mask is not None else "spots", "tissue": tissue.as_dict() if mask is not None else None,
+            "embedding": {"n_patches": stats.n_patches, "seconds": stats.seconds, "forward_s": stats.forward_s,
+                          "starved_s": stats.starved_s, "from_cache": bool(stats.cached)},
             "meta": dict(meta or {}), "bundle": str(Path(bundle.path).resolve()),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     adata = build_adata(spots, pred, extra, x, bundle, info, sample.sample_id)

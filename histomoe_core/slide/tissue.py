@@ -32,7 +32,10 @@ class TissueParams:
 
 
 def tissue_mask(thumb: np.ndarray, um_per_thumb_px: float, params: TissueParams = TissueParams()) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 thumbnail whose pixels are ``um_per_thumb_px`` wide."""
+    """Boolean tissue mask of an RGB uint8 thumbnail whose pixels are ``um_per_thumb_px`` wide.
+
+    The morphology runs on blocks of the thumbnail about an eighth of the closing radius wide (fast at any
+    thumbnail size), and the mask is returned at the thumbnail's own size."""
     from skimage import color, filters, morphology
 
     hsv = color.rgb2hsv(thumb)
@@ -40,13 +43,26 @@ def tissue_mask(thumb: np.ndarray, um_per_thumb_px: float, params: TissueParams 
     if float(sat.max() - sat.min()) < 1e-3:
         return np.zeros(sat.shape, bool)
     thr = max(float(filters.threshold_otsu(sat)), params.min_saturation)
-    mask = (sat > thr) & (val > params.dark)
-    px2 = um_per_thumb_px ** 2
-    radius = int(round(params.closing_um / um_per_thumb_px))
+    fine = (sat > thr) & (val > params.dark)
+    f = max(1, int(params.closing_um / 8 / um_per_thumb_px))
+    mask = _block_mean(fine, f) > 0.5
+    um = um_per_thumb_px * f
+    radius = int(round(params.closing_um / um))
     if radius >= 1:
-        mask = morphology.closing(mask, morphology.disk(radius)).astype(bool)
-    mask = morphology.remove_small_objects(mask, max_size=max(int(params.min_object_um2 / px2), 1))
-    return morphology.remove_small_holes(mask, max_size=max(int(params.hole_um2 / px2), 1))
+        mask = morphology.closing(mask, morphology.disk(radius, decomposition="sequence")).astype(bool)
+    mask = morphology.remove_small_objects(mask, max_size=max(int(params.min_object_um2 / um**2), 1))
+    mask = morphology.remove_small_holes(mask, max_size=max(int(params.hole_um2 / um**2), 1))
+    return mask.repeat(f, 0).repeat(f, 1)[: fine.shape[0], : fine.shape[1]] if f > 1 else mask
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """Mean over ``f`` x ``f`` blocks (edge blocks padded with zeros)."""
+    if f == 1:
+        return a.astype(float)
+    h, w = -(-a.shape[0] // f) * f, -(-a.shape[1] // f) * f
+    p = np.zeros((h, w), float)
+    p[: a.shape[0], : a.shape[1]] = a
+    return p.reshape(h // f, f, w // f, f).mean((1, 3))
 
 
 def grid_spots(mask: np.ndarray, downsample: float, size: tuple[int, int], step_px: float, *,
