@@ -20,10 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
-
-FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
-
 
 def held_out(bundle, patient: str):
     """Predictions, targets and uncertainty at the own spots of every section of ``patient``."""
@@ -39,12 +35,6 @@ def held_out(bundle, patient: str):
                           progress=False)
         rows.append((s, p.adata, make_targets(s.adata, bundle.genes, kind=bundle.manifest["target"])))
     return rows
-
-
-def retention(err: np.ndarray, score: np.ndarray) -> dict[str, float]:
-    """Mean squared error of the ``x`` most certain share of spots (lowest ``score`` first)."""
-    order = np.argsort(score, kind="stable")
-    return {f"{int(f * 100)}%": float(err[order[: max(1, int(round(f * len(err))))]].mean()) for f in FRACTIONS}
 
 
 def benchmark_reference(fold: str) -> dict | None:
@@ -63,30 +53,25 @@ def grid_correlation(bundle, section: str, *, sigma_patches: float = 1.0) -> dic
     """Smoothed grid prediction vs the measured map of ``section``."""
     from histomoe_core.data import load_dataset
     from histomoe_core.data.targets import make_targets
-    from histomoe_core.evaluate import pearson_columns
     from histomoe_core.slide.predict import predict_slide
+    from histomoe_core.slide.validation import map_correlation, smooth_at
 
     s = load_dataset("her2st", sections=[section])[0]
     t0 = time.perf_counter()
     p = predict_slide(s.image_path, bundle, um_per_px=s.pixel_size_um, name=f"{section}_grid", progress=False)
     secs = time.perf_counter() - t0
-    g = p.adata
     sigma = sigma_patches * p.info["crop_px"]
-    d2 = ((s.coords[:, None, :] - np.asarray(g.obsm["spatial"])[None]) ** 2).sum(-1)
-    w = np.exp(-d2 / (2 * sigma**2))
-    w[d2 > (3 * sigma) ** 2] = 0
-    covered = w.sum(1) > 1e-6
-    smooth = (w[covered] @ np.asarray(g.X)) / w[covered].sum(1, keepdims=True)
-    y = make_targets(s.adata, bundle.genes, kind=bundle.manifest["target"])[covered]
-    r = pearson_columns(y, smooth)
-    return {"section": section, "grid_spots": int(g.n_obs), "measured_spots_covered": int(covered.sum()),
-            "measured_spots": int(s.n_spots), "r_mean_over_genes": float(np.nanmean(r)),
-            "r_median": float(np.nanmedian(r)), "sigma_px": float(sigma), "seconds": secs}
+    smooth, covered = smooth_at(np.asarray(p.adata.obsm["spatial"]), np.asarray(p.adata.X), s.coords, sigma=sigma)
+    y = make_targets(s.adata, bundle.genes, kind=bundle.manifest["target"])
+    return {"section": section, "grid_spots": int(p.adata.n_obs), "measured_spots_covered": int(covered.sum()),
+            "measured_spots": int(s.n_spots), "r_mean_over_genes": map_correlation(y[covered], smooth[covered]),
+            "sigma_px": float(sigma), "seconds": secs}
 
 
 def main(argv=None) -> int:
     from histomoe_core.bundle import load_bundle
     from histomoe_core.evaluate import score
+    from histomoe_core.slide.validation import uncertainty_report
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, type=Path)
@@ -105,20 +90,15 @@ def main(argv=None) -> int:
     metrics, _, per_section = score(y, p, sections, bundle.genes)
     unc = np.concatenate([a.obs["uncertainty"].to_numpy() for _, a, _ in rows])
     nov = np.concatenate([a.obs["novelty"].to_numpy() for _, a, _ in rows])
-    err = ((y - p) ** 2).mean(1)
+    rho, curves = uncertainty_report(y, p, {"uncertainty": unc, "novelty": nov})
     out = {
         "bundle": str(args.bundle), "model": bundle.manifest["model"]["spec"], "chosen":
             (bundle.manifest["model"].get("selection") or {}).get("chosen"),
         "held_out": {"pearson": metrics["pearson"], "n_spots": metrics["n_test_spots"],
                      "per_section": per_section["pearson"].round(4).to_dict(),
                      "benchmark": benchmark_reference(f"test_{args.patient}")},
-        "uncertainty": {
-            "spearman_uncertainty_vs_sqerr": float(spearmanr(unc, err).statistic) if np.isfinite(unc).all() else None,
-            "spearman_novelty_vs_sqerr": float(spearmanr(nov, err).statistic),
-            "retention_uncertainty": retention(err, unc) if np.isfinite(unc).all() else None,
-            "retention_novelty": retention(err, nov),
-            "retention_random": {f"{int(f * 100)}%": float(err.mean()) for f in FRACTIONS},
-        },
+        "uncertainty": {"spearman_with_sq_error": rho["spearman_with_sq_error"].to_dict(),
+                        "retention_mse": {f"{int(k * 100)}%": v for k, v in curves.to_dict("index").items()}},
         "grid": grid_correlation(bundle, args.grid_section),
     }
     ref = out["held_out"]["benchmark"]

@@ -211,3 +211,19 @@ def test_resume_reads_the_embedding_cache(bundles, slides):
     _, stats = run_embedding([sample], "tiny", spec=PatchSpec(**b.patch), reader=SlidePatches(slide), progress=False)
     slide.close()
     assert stats.cached == ["resume"] and stats.n_patches == 0
+
+
+def test_spots_from_a_space_ranger_folder(tmp_path):
+    from histomoe_core.slide.predict import read_spots
+
+    spatial = tmp_path / "outs" / "spatial"
+    spatial.mkdir(parents=True)
+    (spatial / "tissue_positions.csv").write_text(
+        "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n"
+        "AAAC-1,1,0,0,100,200\nAAAG-1,0,0,2,100,300\nAAAT-1,1,1,1,180,250\n")
+    spots = read_spots(tmp_path / "outs")
+    assert list(spots.index) == ["AAAC-1", "AAAT-1"]  # spots off tissue left out
+    assert spots.loc["AAAT-1"].tolist() == [250.0, 180.0]  # x = column, y = row
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="tissue_positions"):
+        read_spots(tmp_path / "empty")

@@ -34,8 +34,8 @@ class SlidePrediction:
 def read_spots(path: Path) -> pd.DataFrame:
     """Spot centres in level-0 px from a CSV: columns ``x``, ``y`` (optional ``spot`` / ``barcode`` id), or a
     Space Ranger ``tissue_positions(.csv|_list.csv)`` (``pxl_col_in_fullres``, ``pxl_row_in_fullres``, in-tissue
-    spots only)."""
-    path = Path(path)
+    spots only), or a Space Ranger output folder holding one under ``spatial/``."""
+    path = spaceranger_positions(Path(path)) if Path(path).is_dir() else Path(path)
     try:
         df = pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError) as e:
@@ -55,6 +55,16 @@ def read_spots(path: Path) -> pd.DataFrame:
     if out.empty or not np.isfinite(out[["x", "y"]].to_numpy()).all():
         raise DataError(f"--spots {path}: no spots, or non-finite coordinates")
     return out
+
+
+def spaceranger_positions(folder: Path) -> Path:
+    """The tissue positions file of a Space Ranger output folder (``outs/`` or the folder above it)."""
+    for sub in ("spatial", "outs/spatial", "."):
+        for name in ("tissue_positions.csv", "tissue_positions_list.csv"):
+            if (folder / sub / name).is_file():
+                return folder / sub / name
+    raise DataError(f"--spots {folder}: no spatial/tissue_positions.csv (or tissue_positions_list.csv) in this "
+                    "folder; pass a Space Ranger outs/ folder or a CSV of x, y")
 
 
 def slide_sample(path: Path, spots: pd.DataFrame, um_per_px: float, meta: Mapping[str, str], name: str | None = None):
