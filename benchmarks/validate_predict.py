@@ -19,20 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 def held_out(bundle, patient: str):
     """Predictions, targets and uncertainty at the own spots of every section of ``patient``."""
     from histomoe_core.data import load_dataset
     from histomoe_core.data.targets import make_targets
-    from histomoe_core.slide.predict import predict_slide
+    from histomoe_core.slide.predict import predict_sample
 
     samples = [s for s in load_dataset("her2st") if s.patient == patient]
     rows = []
     for s in samples:
-        spots = pd.DataFrame({"x": s.coords[:, 0], "y": s.coords[:, 1]}, index=s.adata.obs_names.copy())
-        p = predict_slide(s.image_path, bundle, spots=spots, um_per_px=s.pixel_size_um, name=s.sample_id,
-                          progress=False)
+        p = predict_sample(s, bundle, progress=False)
         rows.append((s, p.adata, make_targets(s.adata, bundle.genes, kind=bundle.manifest["target"])))
     return rows
 

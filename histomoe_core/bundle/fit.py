@@ -25,6 +25,7 @@ class TrainRequest:
     """What to train on and how."""
 
     datasets: tuple[str, ...] = ("her2st",)
+    dataset_options: tuple[tuple[str, Any], ...] = ()  #: options of the (single) dataset's loader
     sections: tuple[str, ...] | None = None  #: only these sample ids
     exclude_patients: tuple[str, ...] = ()
     model: str = "histomoe"
@@ -42,9 +43,11 @@ def training_samples(req: TrainRequest):
     from histomoe_core.data import load_dataset
     from histomoe_core.data.sample import SampleSet
 
+    if req.dataset_options and len(req.datasets) != 1:
+        raise HistoMoEError("dataset options need exactly one dataset")
     samples = []
     for name in req.datasets:
-        samples += list(load_dataset(name))
+        samples += list(load_dataset(name, **dict(req.dataset_options)))
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise HistoMoEError(f"datasets {list(req.datasets)} share sample ids; train on one of them at a time")
@@ -69,7 +72,7 @@ def make_train_config(req: TrainRequest):
 
     profile = req.datasets[0] if req.datasets[0] in PROFILES and len(req.datasets) == 1 else \
         {**PROFILES["her2st"], "dataset": "+".join(req.datasets)}
-    base = make_config(profile)
+    base = make_config(profile, dataset_options=dict(req.dataset_options) or None)
     train = {**dict(base.train), **({"epochs": req.epochs} if req.epochs else {})}
     return make_config(base, models=[req.model], targets=[req.target], seeds=[req.seed], encoder=req.encoder,
                        text_encoder=req.text_encoder, n_genes=req.n_genes, train=train,
@@ -167,6 +170,23 @@ def train_bundle(req: TrainRequest, out: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         raise
     return read_manifest(out)
+
+
+def cached_bundle(req: TrainRequest) -> Path:
+    """The bundle of ``req`` under the cache (trained on first use; keyed by the request, the inputs' code and
+    the training code), e.g. for the book."""
+    from histomoe_core import cache
+    from histomoe_core.benchmark.inputs import CODE_MODULES, INPUT_PACKAGES, _modules
+    from histomoe_core.bundle.format import BundleError, load_bundle
+
+    key = cache.content_key(req.__dict__, cache.code_fingerprint(
+        *CODE_MODULES, *_modules(INPUT_PACKAGES), "histomoe_core.bundle.fit", "histomoe_core.bundle.format"))
+    out = cache.artifact_dir("bundles", key)
+    try:
+        load_bundle(out)
+    except BundleError:
+        train_bundle(req, out)
+    return out
 
 
 def _jsonable(o):

@@ -14,6 +14,9 @@ import pandas as pd
 
 from histomoe_core.errors import DataError
 
+#: file names inside a prediction folder
+H5AD, ZARR, MAPS = "predictions.h5ad", "predictions.zarr", "maps"
+
 
 def with_scanpy_image(adata, thumb: np.ndarray, downsample: float, spot_px: float, library_id: str):
     """``uns["spatial"][library_id]`` as scanpy's ``pl.spatial`` reads it (thumbnail as the "hires" image)."""
@@ -115,7 +118,7 @@ def write_outputs(pred, out: Path, *, genes: Sequence[str] | None = None, n_gene
     from histomoe_core import cache
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (overwrite or (out / "predictions.h5ad").exists()):
+    if out.exists() and any(out.iterdir()) and not (overwrite or (out / H5AD).exists()):
         raise DataError(f"{out} exists and is not a prediction folder; choose another --out")
     adata = pred.adata
     genes = list(genes) if genes else list(adata.var_names[:n_genes])
@@ -126,12 +129,12 @@ def write_outputs(pred, out: Path, *, genes: Sequence[str] | None = None, n_gene
     lib = pred.info["name"]
     with_scanpy_image(adata, pred.thumbnail, pred.downsample, spot_px, lib)
     with cache.atomic_dir(out) as tmp:
-        adata.write_h5ad(tmp / "predictions.h5ad")
+        adata.write_h5ad(tmp / H5AD)
         if zarr:
-            write_spatialdata(adata, pred.thumbnail, pred.downsample, spot_px, tmp / "predictions.zarr")
+            write_spatialdata(adata, pred.thumbnail, pred.downsample, spot_px, tmp / ZARR)
         if maps:
-            plot_maps(adata, pred.thumbnail, pred.downsample, spot_px, tmp / "maps", genes=genes)
-    files = {"h5ad": out / "predictions.h5ad", "maps": out / "maps"}
+            plot_maps(adata, pred.thumbnail, pred.downsample, spot_px, tmp / MAPS, genes=genes)
+    files = {"h5ad": out / H5AD, "maps": out / MAPS}
     if zarr:
-        files["zarr"] = out / "predictions.zarr"
+        files["zarr"] = out / ZARR
     return files

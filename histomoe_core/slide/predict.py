@@ -57,10 +57,14 @@ def read_spots(path: Path) -> pd.DataFrame:
     return out
 
 
+#: Space Ranger's spot positions file (``tissue_positions_list.csv`` before Space Ranger 2.0)
+POSITIONS_FILES = ("tissue_positions.csv", "tissue_positions_list.csv")
+
+
 def spaceranger_positions(folder: Path) -> Path:
     """The tissue positions file of a Space Ranger output folder (``outs/`` or the folder above it)."""
     for sub in ("spatial", "outs/spatial", "."):
-        for name in ("tissue_positions.csv", "tissue_positions_list.csv"):
+        for name in POSITIONS_FILES:
             if (folder / sub / name).is_file():
                 return folder / sub / name
     raise DataError(f"--spots {folder}: no spatial/tissue_positions.csv (or tissue_positions_list.csv) in this "
@@ -185,6 +189,16 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     adata = build_adata(spots, pred, extra, x, bundle, info, sample.sample_id)
     return SlidePrediction(adata, thumb, ds, mask, info)
+
+
+def predict_sample(sample, bundle, **kwargs) -> SlidePrediction:
+    """:func:`predict_slide` on a dataset sample's image at its own spots (same ids, pixels and pixel size, so a
+    JPEG / PNG sample reuses the embeddings ``histomoe embed`` cached)."""
+    if sample.image_path is None:
+        raise DataError(f"{sample.sample_id} has no slide image to predict from")
+    spots = pd.DataFrame({"x": sample.coords[:, 0], "y": sample.coords[:, 1]}, index=sample.adata.obs_names.copy())
+    return predict_slide(sample.image_path, bundle, spots=spots, um_per_px=sample.pixel_size_um,
+                         name=sample.sample_id, **kwargs)
 
 
 def build_adata(spots: pd.DataFrame, pred: np.ndarray, extra: dict, x: np.ndarray, bundle, info: dict,
