@@ -64,7 +64,9 @@ from histomoe_core.data.targets import make_targets
 from histomoe_core.evaluate import score
 from histomoe_core.pl.spatial import spatial_scatter, thumbnail
 from histomoe_core.slide.outputs import H5AD, MAPS
-from histomoe_core.slide.predict import POSITIONS_FILES, predict_sample, predict_slide, slide_sample
+from histomoe_core.slide.predict import (
+    POSITIONS_FILES, predict_sample, predict_slide, sample_metadata, slide_sample,
+)
 from histomoe_core.slide.validation import map_correlation, smooth_at, uncertainty_report
 
 samples = load_dataset(dataset, **dataset_options)
@@ -105,14 +107,16 @@ pd.Series({
 # %% [markdown]
 # ## A held-out section on a grid
 #
-# `predict` is given only the image of section {glue:text}`grid_section` and its pixel size. It finds the tissue on a
+# `predict` is given only the image of section {glue:text}`grid_section`, its pixel size and its metadata (organ,
+# cancer type, receptor status: the text the router may read). It finds the tissue on a
 # thumbnail (Otsu's threshold on saturation, then closing and small-object removal, all sizes in micrometres), lays
 # one spot per patch width over it and predicts every spot. Left: what was measured at the section's own spots;
 # right: the grid prediction.
 
 # %%
 sample = samples[section]
-grid = predict_slide(sample.image_path, bundle, um_per_px=sample.pixel_size_um, name=f"{section}_grid",
+meta = sample_metadata(sample)  # what a user knows of the slide: organ, cancer type, receptor status, ...
+grid = predict_slide(sample.image_path, bundle, um_per_px=sample.pixel_size_um, meta=meta, name=f"{section}_grid",
                      progress=False)
 g = grid.adata
 grid_sample = slide_sample(sample.image_path, pd.DataFrame(g.obsm["spatial"], columns=["x", "y"], index=g.obs_names),
@@ -208,7 +212,7 @@ pd.DataFrame({"barcode": sample.adata.obs_names, "in_tissue": 1, "array_row": 0,
     work / "outs" / "spatial" / POSITIONS_FILES[0], index=False)
 rc = histomoe(["predict", str(sample.image_path), "--model", str(bundle.path), "--um-per-px", repr(sample.pixel_size_um),
                "--spots", str(work / "outs"), "--name", section, "--out", str(work / "pred"), "--no-progress",
-               "--genes", *shown])
+               "--genes", *shown, "--meta", *(f"{k}={v}" for k, v in meta.items())])
 adata = sc.read_h5ad(work / "pred" / H5AD)
 sc.pl.spatial(adata, color=shown[:1] + ["uncertainty"], library_id=section, size=1.2, show=False)
 pd.Series({"exit code": rc, "written": ", ".join(sorted(p.name for p in (work / "pred").iterdir())),

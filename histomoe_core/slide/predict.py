@@ -191,12 +191,22 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
     return SlidePrediction(adata, thumb, ds, mask, info)
 
 
+#: the metadata keys a sample's description for the text encoder is made of (``Sample.metadata_text``)
+TEXT_KEYS = ("organ", "cancer_type", "er", "pgr", "grade", "node_status")
+
+
+def sample_metadata(sample) -> dict[str, str]:
+    """The ``--meta`` a dataset sample would be given: its describing metadata (same text for the encoder)."""
+    return {k: str(sample.meta[k]) for k in TEXT_KEYS if sample.meta.get(k)}
+
+
 def predict_sample(sample, bundle, **kwargs) -> SlidePrediction:
-    """:func:`predict_slide` on a dataset sample's image at its own spots (same ids, pixels and pixel size, so a
-    JPEG / PNG sample reuses the embeddings ``histomoe embed`` cached)."""
+    """:func:`predict_slide` on a dataset sample's image at its own spots with its own metadata (same ids, pixels
+    and pixel size, so a JPEG / PNG sample reuses the embeddings ``histomoe embed`` cached)."""
     if sample.image_path is None:
         raise DataError(f"{sample.sample_id} has no slide image to predict from")
     spots = pd.DataFrame({"x": sample.coords[:, 0], "y": sample.coords[:, 1]}, index=sample.adata.obs_names.copy())
+    kwargs.setdefault("meta", sample_metadata(sample))
     return predict_slide(sample.image_path, bundle, spots=spots, um_per_px=sample.pixel_size_um,
                          name=sample.sample_id, **kwargs)
 
