@@ -227,3 +227,38 @@ def test_spots_from_a_space_ranger_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="tissue_positions"):
         read_spots(tmp_path / "empty")
+
+
+def test_openslide_and_tifffile_read_the_same_pixels(tmp_path):
+    """A tiled TIFF pyramid (levels as pages) read through OpenSlide and through tifffile, at every level and
+    across the slide's edge (white outside)."""
+    import openslide
+
+    from histomoe_core.slide.reader import OpenSlideSlide, TiffSlide
+
+    img = tissue_image(1024)
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for d in (1, 2, 4):
+            tw.write(np.ascontiguousarray(img[::d, ::d]), tile=(256, 256), photometric="rgb", compression="zlib",
+                     subfiletype=0 if d == 1 else 1, resolution=(1e4 / UM_PER_PX, 1e4 / UM_PER_PX),
+                     resolutionunit="CENTIMETER")
+    a = OpenSlideSlide(path, openslide.OpenSlide(str(path)))
+    b = TiffSlide(path, tifffile.TiffFile(path))
+    assert a.downsamples == b.downsamples == (1.0, 2.0, 4.0)
+    assert a.um_per_px == pytest.approx(UM_PER_PX) and b.um_per_px == pytest.approx(UM_PER_PX)
+    for level in range(3):
+        ra, rb = a.read(-40, 900, 300, 200, level), b.read(-40, 900, 300, 200, level)
+        assert ra.shape == rb.shape and np.array_equal(ra, rb)
+        assert (ra[:, :5] == 255).all()  # left of the slide: white glass
+    a.close()
+    b.close()
+
+
+def test_spots_outside_the_slide(bundles, slides, tmp_path, capsys):
+    spots = tmp_path / "spots.csv"
+    spots.write_text("x,y\n100,100\n5000,100\n")
+    out = tmp_path / "out"
+    _fails(["predict", str(slides["tiff"]), "--model", str(bundles / "ridge"), "--spots", str(spots),
+            "--out", str(out)], capsys, "outside the 2048x2048 px slide")
+    assert not out.exists()

@@ -80,7 +80,7 @@ bundle = load_bundle(cached_bundle(req))
 man = bundle.manifest
 glue("held_out", held_out, display=False)
 pd.Series({"held-out patient": held_out, "sections predicted": ", ".join(s.sample_id for s in test),
-           **dict(enumerate(describe(man)))}).to_frame("bundle")
+           "bundle": "; ".join(describe(man)[1:])}).to_frame("value")
 
 # %% [markdown]
 # ## What a bundle holds

@@ -6,6 +6,7 @@ failed run leaves nothing half-written.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -42,13 +43,12 @@ def write_spatialdata(adata, thumb: np.ndarray, downsample: float, spot_px: floa
     table.obs["region"] = pd.Categorical(["spots"] * table.n_obs)
     table.obs["instance_id"] = np.arange(table.n_obs)
     table = TableModel.parse(table, region="spots", region_key="region", instance_key="instance_id")
-    sd.SpatialData(images={"slide": image}, shapes={"spots": shapes}, tables={"table": table}).write(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)  # zarr's notice
+        sd.SpatialData(images={"slide": image}, shapes={"spots": shapes}, tables={"table": table}).write(path)
 
 
 def _canvas(thumb: np.ndarray, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     h, w = thumb.shape[:2]

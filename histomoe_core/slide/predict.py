@@ -166,6 +166,10 @@ def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta
             if spots is None or spots.empty:
                 raise DataError(f"no tissue found in {Path(path).name} (Otsu on the thumbnail's saturation); lower "
                                 "--min-tissue / --min-saturation, check --um-per-px, or pass --spots FILE")
+        outside = ~((spots["x"] >= 0) & (spots["y"] >= 0) & (spots["x"] < slide.size[0]) & (spots["y"] < slide.size[1]))
+        if outside.any():
+            raise DataError(f"{int(outside.sum())} spots lie outside the {slide.size[0]}x{slide.size[1]} px slide (e.g. "
+                            f"{spots.index[outside][0]}); spot coordinates must be level-0 pixels of this slide")
         sample = slide_sample(path, spots, slide.um_per_px, meta or {}, name)
         x, stats = embed_spots(sample, slide, bundle, batch_size=batch_size, device=device, progress=progress)
         backend, size, downsamples = slide.backend, slide.size, slide.downsamples
