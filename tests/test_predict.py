@@ -34,14 +34,14 @@ def tissue_image(side: int, seed: int = 0) -> np.ndarray:
     return img
 
 
-def write_pyramid(path: Path, img: np.ndarray, um_per_px: float | None = UM_PER_PX) -> Path:
+def write_pyramid(path: Path, img: np.ndarray, um_per_px: float | None = UM_PER_PX, compression: str = "zlib") -> Path:
     res = {} if um_per_px is None else {"resolution": (1e4 / um_per_px, 1e4 / um_per_px),
                                          "resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path) as tw:
-        tw.write(img, tile=(256, 256), subifds=2, photometric="rgb", compression="zlib", **res)
+        tw.write(img, tile=(256, 256), subifds=2, photometric="rgb", compression=compression, **res)
         for d in (2, 4):
             tw.write(np.ascontiguousarray(img[::d, ::d]), tile=(256, 256), subfiletype=1, photometric="rgb",
-                     compression="zlib")
+                     compression=compression)
     return path
 
 
@@ -262,3 +262,18 @@ def test_spots_outside_the_slide(bundles, slides, tmp_path, capsys):
     _fails(["predict", str(slides["tiff"]), "--model", str(bundles / "ridge"), "--spots", str(spots),
             "--out", str(out)], capsys, "outside the 2048x2048 px slide")
     assert not out.exists()
+
+
+def test_jpeg_compressed_pyramid(tmp_path):
+    """Scanners' pyramids are mostly JPEG-compressed TIFFs: tifffile decodes them (imagecodecs) level by level."""
+    from histomoe_core.slide.reader import open_slide_image, thumbnail
+
+    img = tissue_image(1024)
+    slide = open_slide_image(write_pyramid(tmp_path / "jpeg.tif", img, compression="jpeg"))
+    assert slide.backend == "tifffile" and slide.downsamples == (1.0, 2.0, 4.0)
+    region = slide.read(300, 200, 256, 128, 1)
+    assert region.shape == (64, 128, 3)
+    assert np.abs(region.astype(int) - img[200:328:2, 300:556:2]).mean() < 8  # lossy, but the same picture
+    thumb, ds = thumbnail(slide, max_px=256)
+    assert thumb.shape[:2] == (256, 256) and ds == 4.0
+    slide.close()

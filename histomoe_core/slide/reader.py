@@ -1,7 +1,9 @@
 """Open a slide image of any common kind behind one small interface, reading regions at a chosen level.
 
 - Whole-slide formats (SVS, NDPI, MRXS, SCN, ...): OpenSlide (``openslide-python`` + ``openslide-bin``).
-- TIFF, pyramidal or not: tifffile, each level read as a zarr array so only the tiles a region touches are decoded.
+- TIFF, pyramidal or not: tifffile (codecs from imagecodecs: JPEG, LZW, JPEG 2000, ...), each level read as a
+  zarr array so only the tiles a region touches are decoded; a scanner's TIFF (Aperio, Philips, Ventana) goes
+  to OpenSlide.
 - JPEG / PNG / other single images: Pillow (decoded once; such images fit in memory by nature).
 
 Pixel size (um / px at level 0) comes from the file when it says so: OpenSlide's ``openslide.mpp-x``, OME-XML
@@ -191,6 +193,16 @@ def tiff_um_per_px(tf) -> float | None:
     return None
 
 
+def _vendor(path: Path) -> str | None:
+    """OpenSlide's name for the file's format (None: not a slide OpenSlide reads)."""
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError):
+        return None
+
+
 def open_slide_image(path: Path, *, um_per_px: float | None = None) -> SlideImage:
     """Open ``path`` with the fitting backend; ``um_per_px`` overrides the file's own pixel size."""
     path = Path(path)
@@ -210,14 +222,15 @@ def open_slide_image(path: Path, *, um_per_px: float | None = None) -> SlideImag
 
 def _open(path: Path) -> SlideImage:
     name = path.name.lower()
-    if name.endswith(OPENSLIDE_SUFFIXES):
+    tiff = name.endswith(TIFF_SUFFIXES)
+    if name.endswith(OPENSLIDE_SUFFIXES) or (tiff and _vendor(path) not in (None, "generic-tiff")):
         import openslide
 
         try:
             return OpenSlideSlide(path, openslide.OpenSlide(str(path)))
         except (openslide.OpenSlideError, OSError) as e:
             raise DataError(f"{path}: OpenSlide cannot read it ({e}); is the file complete?") from e
-    if name.endswith(TIFF_SUFFIXES):
+    if tiff:
         import tifffile
 
         try:
