@@ -277,3 +277,15 @@ def test_jpeg_compressed_pyramid(tmp_path):
     thumb, ds = thumbnail(slide, max_px=256)
     assert thumb.shape[:2] == (256, 256) and ds == 4.0
     slide.close()
+
+
+def test_saturation_matches_skimage():
+    from skimage import color
+
+    from histomoe_core.slide.tissue import saturation_value
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    rgb[0, 0] = 0  # black: saturation 0 by definition
+    sat, val = saturation_value(rgb)
+    hsv = color.rgb2hsv(rgb)
+    assert np.allclose(sat, hsv[..., 1], atol=1e-6) and np.allclose(val, hsv[..., 2], atol=1e-6)

@@ -36,10 +36,9 @@ def tissue_mask(thumb: np.ndarray, um_per_thumb_px: float, params: TissueParams 
 
     The morphology runs on blocks of the thumbnail about an eighth of the closing radius wide (fast at any
     thumbnail size), and the mask is returned at the thumbnail's own size."""
-    from skimage import color, filters, morphology
+    from skimage import filters, morphology
 
-    hsv = color.rgb2hsv(thumb)
-    sat, val = hsv[..., 1], hsv[..., 2]
+    sat, val = saturation_value(thumb)
     if float(sat.max() - sat.min()) < 1e-3:
         return np.zeros(sat.shape, bool)
     thr = max(float(filters.threshold_otsu(sat)), params.min_saturation)
@@ -53,6 +52,16 @@ def tissue_mask(thumb: np.ndarray, um_per_thumb_px: float, params: TissueParams 
     mask = morphology.remove_small_objects(mask, max_size=max(int(params.min_object_um2 / um**2), 1))
     mask = morphology.remove_small_holes(mask, max_size=max(int(params.hole_um2 / um**2), 1))
     return mask.repeat(f, 0).repeat(f, 1)[: fine.shape[0], : fine.shape[1]] if f > 1 else mask
+
+
+def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value (float32 in [0, 1]) of an RGB uint8 image, as ``skimage.color.rgb2hsv`` computes
+    them, without its float64 copy of every channel."""
+    mx = rgb.max(axis=2).astype(np.float32)
+    mn = rgb.min(axis=2).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sat = np.where(mx > 0, (mx - mn) / mx, 0.0).astype(np.float32)
+    return sat, mx / 255.0
 
 
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
