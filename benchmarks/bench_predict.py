@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--disc", type=float, default=6.0, help="tissue disc radius = side / disc")
     ap.add_argument("--slide", type=Path, default=None, help="slide file (written when missing)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

@@ -144,7 +144,7 @@ def embed_spots(sample, slide, bundle, *, batch_size: int, device, progress: boo
 
 
 def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta: Mapping[str, str] | None = None,
-                  um_per_px: float | None = None, tissue: TissueParams = TissueParams(), batch_size: int = 64,
+                  um_per_px: float | None = None, tissue: TissueParams = TissueParams(), batch_size: int = 32,
                   device: str | None = None, progress: bool = True, name: str | None = None) -> SlidePrediction:
     """Predict ``bundle``'s genes at ``spots`` (level-0 px; None: a grid at the patch spacing over tissue)."""
     from histomoe_core.benchmark.units import predict_model
