@@ -289,3 +289,30 @@ def test_saturation_matches_skimage():
     sat, val = saturation_value(rgb)
     hsv = color.rgb2hsv(rgb)
     assert np.allclose(sat, hsv[..., 1], atol=1e-6) and np.allclose(val, hsv[..., 2], atol=1e-6)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "no_such_model"], "unknown models"),
+    (["--model", "ridge_cv", "--exclude-patient", "ZZ"], "no such patient"),
+    (["--model", "ridge_cv", "--sections", "CCRCC-P1-S1"], "at least two"),
+])
+def test_train_bad_requests(tmp_path, capsys, args, needle):
+    out = tmp_path / "bundle"
+    _fails([*TRAIN, *args, "--out", str(out)], capsys, needle)
+    assert not out.exists()
+
+
+def test_retention_curve_and_uncertainty_report():
+    from histomoe_core.slide.validation import retention_curve, smooth_at, uncertainty_report
+
+    err = np.array([4.0, 3.0, 2.0, 1.0])
+    assert retention_curve(err, -err, fractions=(0.25, 0.5, 1.0)).tolist() == [4.0, 3.5, 2.5]  # worst first
+    assert retention_curve(err, err, fractions=(0.25, 0.5, 1.0)).tolist() == [1.0, 1.5, 2.5]  # best first
+    y = np.zeros((4, 2))
+    p = np.sqrt(err)[:, None] * np.ones((1, 2))
+    rho, curves = uncertainty_report(y, p, {"perfect": err, "reversed": -err, "undefined": np.full(4, np.nan)})
+    assert rho.loc["perfect"].iloc[0] == pytest.approx(1.0) and rho.loc["reversed"].iloc[0] == pytest.approx(-1.0)
+    assert "undefined" not in rho.index and (curves["random"] == err.mean()).all()
+    grid = np.array([[0.0, 0.0], [10.0, 0.0]])
+    vals, covered = smooth_at(grid, np.array([[1.0], [3.0]]), np.array([[5.0, 0.0], [100.0, 0.0]]), sigma=2.0)
+    assert covered.tolist() == [True, False] and vals[0, 0] == pytest.approx(2.0)  # midway: the mean of both
