@@ -316,3 +316,12 @@ def test_retention_curve_and_uncertainty_report():
     grid = np.array([[0.0, 0.0], [10.0, 0.0]])
     vals, covered = smooth_at(grid, np.array([[1.0], [3.0]]), np.array([[5.0, 0.0], [100.0, 0.0]]), sigma=2.0)
     assert covered.tolist() == [True, False] and vals[0, 0] == pytest.approx(2.0)  # midway: the mean of both
+
+
+def test_load_refuses_an_encoder_with_other_weights(bundles):
+    from histomoe_core.bundle import BundleError, load_bundle
+    from histomoe_core.encoders import create_encoder
+
+    assert load_bundle(bundles / "ridge", encoder=create_encoder("tiny")).encoder == "tiny"
+    with pytest.raises(BundleError, match="weights tiny-seed0.*but the encoder here is 'tiny' with weights tiny-seed1"):
+        load_bundle(bundles / "ridge", encoder=create_encoder("tiny", seed=1))
