@@ -50,6 +50,7 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     assert main([*TRAIN, "--model", "ridge_cv", "--out", str(root / "ridge")]) == 0
     assert main([*TRAIN, "--model", "moe_soft_mlp", "--epochs", "2", "--out", str(root / "moe")]) == 0
+    assert main([*TRAIN, "--model", "histomoe", "--epochs", "1", "--out", str(root / "meta")]) == 0  # routes on metadata
     return root
 
 
@@ -325,3 +326,16 @@ def test_load_refuses_an_encoder_with_other_weights(bundles):
     assert load_bundle(bundles / "ridge", encoder=create_encoder("tiny")).encoder == "tiny"
     with pytest.raises(BundleError, match="weights tiny-seed0.*but the encoder here is 'tiny' with weights tiny-seed1"):
         load_bundle(bundles / "ridge", encoder=create_encoder("tiny", seed=1))
+
+
+def test_metadata_router_needs_meta(bundles, slides, tmp_path, capsys):
+    from histomoe_core.bundle import load_bundle
+
+    assert load_bundle(bundles / "meta").reads_metadata()
+    out = tmp_path / "out"
+    _fails(["predict", str(slides["tiff"]), "--model", str(bundles / "meta"), "--out", str(out)], capsys, "--meta")
+    assert not out.exists()
+    assert main(["predict", str(slides["tiff"]), "--model", str(bundles / "meta"), "--out", str(out), "--no-zarr",
+                 "--no-progress", "--meta", "organ=kidney", "cancer_type=clear cell renal cell carcinoma"]) == 0
+    a = ad.read_h5ad(out / "predictions.h5ad")
+    assert json.loads(a.uns["provenance"])["prediction"]["meta"]["organ"] == "kidney"

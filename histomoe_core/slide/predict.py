@@ -96,7 +96,12 @@ def _metadata(bundle, sample, n: int) -> np.ndarray:
         return np.zeros((n, dim), np.float32)
     if dim == 0:
         return np.zeros((n, 0), np.float32)
-    v = embed_metadata([sample], md["text_encoder"])[sample.sample_id]
+    encoder = md["text_encoder"]
+    if encoder == "onehot":  # its vocabulary is the training sections' texts (an unseen text encodes as zeros)
+        from histomoe_core.encoders import create_text_encoder
+
+        encoder = create_text_encoder("onehot", vocab=sorted(set(md["train_texts"].values())))
+    v = embed_metadata([sample], encoder)[sample.sample_id]
     return np.broadcast_to(v, (n, len(v))).astype(np.float32)
 
 
@@ -143,56 +148,72 @@ def embed_spots(sample, slide, bundle, *, batch_size: int, device, progress: boo
     return emb[sample.sample_id], stats
 
 
+def place_spots(slide, thumb: np.ndarray, ds: float, crop: int, spots: pd.DataFrame | None,
+                tissue: TissueParams) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """``(spots, tissue mask)``: a grid over the tissue of the thumbnail when ``spots`` is None (mask None
+    otherwise); spots outside the slide are refused."""
+    from histomoe_core.slide.tissue import grid_spots, tissue_mask
+
+    mask = None
+    if spots is None:
+        mask = tissue_mask(thumb, ds * slide.um_per_px, tissue)
+        spots = grid_spots(mask, ds, slide.size, crop, min_tissue=tissue.min_tissue) if mask.any() else None
+        if spots is None or spots.empty:
+            raise DataError(f"no tissue found in {slide.path.name} (Otsu on the thumbnail's saturation); lower "
+                            "--min-tissue / --min-saturation, check --um-per-px, or pass --spots FILE")
+    w, h = slide.size
+    outside = ~((spots["x"] >= 0) & (spots["y"] >= 0) & (spots["x"] < w) & (spots["y"] < h))
+    if outside.any():
+        raise DataError(f"{int(outside.sum())} spots lie outside the {w}x{h} px slide (e.g. {spots.index[outside][0]}); "
+                        "spot coordinates must be level-0 pixels of this slide")
+    return spots, mask
+
+
 def predict_slide(path: Path, bundle, *, spots: pd.DataFrame | None = None, meta: Mapping[str, str] | None = None,
                   um_per_px: float | None = None, tissue: TissueParams = TissueParams(), batch_size: int = 32,
                   device: str | None = None, progress: bool = True, name: str | None = None) -> SlidePrediction:
     """Predict ``bundle``'s genes at ``spots`` (level-0 px; None: a grid at the patch spacing over tissue)."""
     from histomoe_core.benchmark.units import predict_model
-    from histomoe_core.cache import file_sha256
     from histomoe_core.data.patches import PatchSpec
     from histomoe_core.features import FoldData
     from histomoe_core.slide.reader import open_slide_image, thumbnail
-    from histomoe_core.slide.tissue import grid_spots, tissue_mask
 
+    meta = dict(meta or {})
     slide = open_slide_image(path, um_per_px=um_per_px)
     try:
-        spec = PatchSpec(**bundle.patch)
-        crop = spec.crop_px(slide.um_per_px)
+        crop = PatchSpec(**bundle.patch).crop_px(slide.um_per_px)
         thumb, ds = thumbnail(slide, max_px=tissue.thumb_px)
-        mask = None
-        if spots is None:
-            mask = tissue_mask(thumb, ds * slide.um_per_px, tissue)
-            spots = grid_spots(mask, ds, slide.size, crop, min_tissue=tissue.min_tissue) if mask.any() else spots
-            if spots is None or spots.empty:
-                raise DataError(f"no tissue found in {Path(path).name} (Otsu on the thumbnail's saturation); lower "
-                                "--min-tissue / --min-saturation, check --um-per-px, or pass --spots FILE")
-        outside = ~((spots["x"] >= 0) & (spots["y"] >= 0) & (spots["x"] < slide.size[0]) & (spots["y"] < slide.size[1]))
-        if outside.any():
-            raise DataError(f"{int(outside.sum())} spots lie outside the {slide.size[0]}x{slide.size[1]} px slide (e.g. "
-                            f"{spots.index[outside][0]}); spot coordinates must be level-0 pixels of this slide")
-        sample = slide_sample(path, spots, slide.um_per_px, meta or {}, name)
+        spots, mask = place_spots(slide, thumb, ds, crop, spots, tissue)
+        sample = slide_sample(path, spots, slide.um_per_px, meta, name)
+        n = len(spots)
+        meta_rows = _metadata(bundle, sample, n)  # refuse a missing --meta before the long part
+        context = _context(bundle, meta, n)
         x, stats = embed_spots(sample, slide, bundle, batch_size=batch_size, device=device, progress=progress)
-        backend, size, downsamples = slide.backend, slide.size, slide.downsamples
-        um = float(slide.um_per_px)
+        info = _info(slide, sample, bundle, crop, mask is not None, tissue, stats, meta)
     finally:
         slide.close()
     if bundle.manifest["normalisation"]["embedding_norm"] == "section":
         x = x - x.mean(0, keepdims=True)
-    n = len(x)
-    data = FoldData(x=x.astype(np.float32), meta=_metadata(bundle, sample, n), context=_context(bundle, meta or {}, n),
+    data = FoldData(x=x.astype(np.float32), meta=meta_rows, context=context,
                     y=np.zeros((n, len(bundle.genes)), np.float32), sample=np.full(n, sample.sample_id),
                     patient=np.full(n, "unknown"), spot=np.asarray(spots.index, str), genes=tuple(bundle.genes),
                     contexts=tuple(bundle.contexts))
     pred, extra = predict_model(bundle.estimator, data)
-    info = {"name": sample.sample_id, "slide": str(Path(path).resolve()), "slide_sha256": file_sha256(Path(path)), "backend": backend,
-            "size_px": list(size), "downsamples": list(downsamples), "um_per_px": um, "crop_px": crop,
-            "mode": "grid" if mask is not None else "spots", "tissue": tissue.as_dict() if mask is not None else None,
+    return SlidePrediction(build_adata(spots, pred, extra, x, bundle, info), thumb, ds, mask, info)
+
+
+def _info(slide, sample, bundle, crop: int, grid: bool, tissue: TissueParams, stats, meta: dict) -> dict:
+    """What a prediction was made from (stored as provenance)."""
+    from histomoe_core.cache import file_sha256
+
+    return {"name": sample.sample_id, "slide": str(Path(slide.path).resolve()),
+            "slide_sha256": file_sha256(Path(slide.path)), "backend": slide.backend, "size_px": list(slide.size),
+            "downsamples": list(slide.downsamples), "um_per_px": float(slide.um_per_px), "crop_px": crop,
+            "mode": "grid" if grid else "spots", "tissue": tissue.as_dict() if grid else None,
             "embedding": {"n_patches": stats.n_patches, "seconds": stats.seconds, "forward_s": stats.forward_s,
                           "starved_s": stats.starved_s, "from_cache": bool(stats.cached)},
-            "meta": dict(meta or {}), "bundle": str(Path(bundle.path).resolve()),
+            "meta": meta, "bundle": str(Path(bundle.path).resolve()),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    adata = build_adata(spots, pred, extra, x, bundle, info, sample.sample_id)
-    return SlidePrediction(adata, thumb, ds, mask, info)
 
 
 #: the metadata keys a sample's description for the text encoder is made of (``Sample.metadata_text``)
@@ -215,8 +236,7 @@ def predict_sample(sample, bundle, **kwargs) -> SlidePrediction:
                          name=sample.sample_id, **kwargs)
 
 
-def build_adata(spots: pd.DataFrame, pred: np.ndarray, extra: dict, x: np.ndarray, bundle, info: dict,
-                library_id: str) -> ad.AnnData:
+def build_adata(spots: pd.DataFrame, pred: np.ndarray, extra: dict, x: np.ndarray, bundle, info: dict) -> ad.AnnData:
     """The prediction AnnData (see the module docstring)."""
     from histomoe_core.tl.prediction import model_expert_names
     from histomoe_core.tl.slots import write_results
