@@ -48,7 +48,8 @@ KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "TQDM_D
 KERNEL_WARNING_FILTERS = ("ignore:IProgress not found",)
 PACKAGE = "histomoe_core"
 #: parts of the table of contents: caption, first and last chapter number
-PARTS = (("Data, embeddings and the model", 0, 3), ("Results", 4, 8), ("Scaling and reproducibility", 9, 99))
+PARTS = (("Data, embeddings and the model", 0, 3), ("Results", 4, 8), ("Scaling and reproducibility", 9, 9),
+         ("Using the model", 10, 99))
 
 
 class BookError(HistoMoEError):

@@ -10,7 +10,7 @@ import sys
 from histomoe_core.errors import HistoMoEError
 
 #: sub-command modules, in the order ``histomoe --help`` lists them
-COMMANDS = ["data", "embed", "benchmark", "inspect", "book"]
+COMMANDS = ["data", "embed", "benchmark", "train", "predict", "inspect", "book"]
 
 
 def build_parser() -> argparse.ArgumentParser:

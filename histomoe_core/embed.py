@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -134,6 +134,15 @@ def _barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ planning
+class PatchReader(Protocol):
+    """A source of patches other than the sample's decoded image (see :func:`run_embedding`)."""
+
+    def batches(self, sample: Sample, spec: PatchSpec, *, batch_size: int,
+                indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def cache_id(self) -> str: ...
+
+
 @dataclass
 class _Job:
     sample: Sample
@@ -206,10 +215,11 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
 
 
 def _produce(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, batch_size: int, pin: bool,
-             q: queue.Queue, stop: threading.Event, threads: int = 0) -> None:
+             q: queue.Queue, stop: threading.Event, threads: int = 0, reader: "PatchReader | None" = None) -> None:
     """Decode, crop, resize and normalise patches for every job, in order; a ``None`` batch ends a sample.
     With ``threads`` > 0 that many of the next slides are decoded ahead in threads, and the patches of each batch
-    are cropped and resized by as many threads."""
+    are cropped and resized by as many threads. A ``reader`` replaces the slide decoding (e.g. tiles of a
+    pyramidal slide)."""
     from concurrent.futures import ThreadPoolExecutor
 
     todo = [j for j, job in enumerate(jobs) if len(job.missing)]
@@ -218,7 +228,7 @@ def _produce(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, batc
     ahead: dict[int, object] = {}
 
     def schedule(k: int) -> None:
-        if decoder is not None and k < len(todo):
+        if decoder is not None and reader is None and k < len(todo):
             ahead[todo[k]] = decoder.submit(open_slide, jobs[todo[k]].sample)
 
     try:
@@ -231,8 +241,11 @@ def _produce(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, batc
                 opened = ahead.pop(j).result() if j in ahead else False
                 schedule(done + threads)
                 done += 1
-                for idx, patches in slide_batches(job.sample, spec, batch_size=batch_size, indices=missing,
-                                                  opened=opened, pool=crops):
+                batches = (reader.batches(job.sample, spec, batch_size=batch_size, indices=missing)
+                           if reader is not None else
+                           slide_batches(job.sample, spec, batch_size=batch_size, indices=missing, opened=opened,
+                                         pool=crops))
+                for idx, patches in batches:
                     x = encoder.preprocess(patches)
                     if pin:
                         x = x.pin_memory()
@@ -266,7 +279,8 @@ def patch_threads(device: torch.device) -> int:
 
 def _run(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int, device: torch.device,
          progress: bool, stats: EmbedStats, prefetch: int = 3,
-         between_samples: Callable[[], object] = lambda: None) -> dict[str, np.ndarray]:
+         between_samples: Callable[[], object] = lambda: None,
+         reader: "PatchReader | None" = None) -> dict[str, np.ndarray]:
     from tqdm.auto import tqdm
 
     out: dict[str, np.ndarray] = {}
@@ -274,7 +288,7 @@ def _run(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, *, batch
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(jobs, encoder, spec, batch_size, device.type == "cuda", q, stop,
-                                                       patch_threads(device)),
+                                                       patch_threads(device), reader),
                                 name="histomoe-patches", daemon=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision_for(device) == "bf16")
     bar = tqdm(total=total, unit="patch", desc=f"embed {encoder.name}", disable=not progress or total == 0)
@@ -320,8 +334,11 @@ def _run(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, *, batch
 
 def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "efficientnet_lite0", *,
                   spec: PatchSpec = PatchSpec(), batch_size: int = 64, device: str | torch.device | None = None,
-                  progress: bool = True) -> tuple[dict[str, np.ndarray], EmbedStats]:
-    """:func:`embed_samples` plus an :class:`EmbedStats` of what was read and what was computed."""
+                  progress: bool = True, reader: "PatchReader | None" = None) -> tuple[dict[str, np.ndarray], EmbedStats]:
+    """:func:`embed_samples` plus an :class:`EmbedStats` of what was read and what was computed.
+
+    ``reader``: where patches come from instead of the sample's decoded image (its ``cache_id()`` joins the
+    cache key), e.g. :class:`histomoe_core.slide.patches.SlidePatches` for pyramidal whole-slide images."""
     samples = list(samples)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -341,6 +358,10 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
     name, dim = card["name"], int(card["embed_dim"])
     threads = embed_threads(dev)
     key = encoder_key(card["cache_id"], spec, precision, threads)
+    if reader is not None:
+        from histomoe_core.cache import content_key
+
+        key = content_key(key, reader.cache_id())
     stats = EmbedStats(encoder=name, key=key, pretrained=bool(card.get("pretrained", False)))
     rank, world = dist_info()
 
@@ -361,7 +382,8 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
         enc = create_encoder(encoder)
         if enc.cache_id() != card["cache_id"]:
             write_card(encoder, enc)
-            return run_embedding(samples, enc, spec=spec, batch_size=batch_size, device=device, progress=progress)
+            return run_embedding(samples, enc, spec=spec, batch_size=batch_size, device=device, progress=progress,
+                                 reader=reader)
     if enc is not None:
         enc = enc.to(dev).eval().to(memory_format=torch.channels_last)
     _barrier()  # every rank has planned before any rank writes
@@ -373,7 +395,7 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
         if mine:
             with malloc_for_inference() if dev.type == "cpu" else nullcontext(lambda: None) as trim, fixed_threads(threads):
                 computed = _run(mine, enc, spec, batch_size=batch_size, device=dev, progress=progress and rank == 0,
-                                stats=stats, between_samples=trim)
+                                stats=stats, between_samples=trim, reader=reader)
         stats.seconds = time.perf_counter() - t0
     result.update(computed)
     _barrier()  # every rank's files are in place
