@@ -324,7 +324,9 @@ class KNNRetrieval:
 
 @BASELINES.register("per_context")
 class PerContext:
-    """One ``ridge_cv`` per context label; unseen contexts use a model fit on every training spot."""
+    """One ridge head per context label on the pooled model's features (standardised PCA fit on every training
+    spot, so a context with few spots gets no PCA of its own); alpha by inner CV where the context has two or more
+    groups, else the pooled model's alpha. Unseen contexts use the pooled model."""
 
 
     def __init__(self, *, n_components: int | None = 256, min_spots: int = 50, name: str = "per_context") -> None:
@@ -332,22 +334,27 @@ class PerContext:
 
     def fit(self, data: FoldData, *, seed: int = 0) -> "PerContext":
         self.fallback = RidgeCV(n_components=self.n_components).fit(data, seed=seed)
+        z = self.fallback.prep.transform(data.x)
         self.models = {}
         for c in np.unique(data.context):
-            part = data.take(data.context == c)
-            if len(part) < self.min_spots:
+            rows = np.flatnonzero(data.context == c)
+            if len(rows) < self.min_spots:
                 continue
+            part = data.take(rows)
             groups = np.unique(part.patient if len(np.unique(part.patient)) > 1 else part.sample)
-            alpha = None if len(groups) > 1 else self.fallback.alpha  # no inner CV possible: global alpha
-            self.models[int(c)] = RidgeCV(n_components=self.n_components, alpha=alpha).fit(part, seed=seed)
+            alpha = None if len(groups) > 1 else self.fallback.alpha  # no inner CV possible: the pooled alpha
+            head = RidgeCV(n_components=self.n_components, alpha=alpha)
+            head.prep = self.fallback.prep
+            self.models[int(c)] = head.fit(part, seed=seed, z=z[rows])
         return self
 
     def predict(self, data: FoldData) -> np.ndarray:
-        out = self.fallback.predict(data)
+        z = self.fallback.prep.transform(data.x)
+        out = self.fallback.predict_z(z)
         for c, m in self.models.items():
             sel = data.context == c
             if sel.any():
-                out[sel] = m.predict(data.take(sel))
+                out[sel] = m.predict_z(z[sel])
         return out
 
     def info(self) -> dict:

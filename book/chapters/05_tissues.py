@@ -160,6 +160,7 @@ run.choices(target=target)
 mixtures = [m for m in ("moe_image", "moe_meta_guided", "moe_free_top2", "shared_context") if m in table.columns]
 stats = pd.concat({m: routing_stats(run, m, target=target) for m in mixtures})
 nmi = stats.groupby(level=0)["nmi"].mean()
+glue("routed", routed, display=False)
 glue("nmi_image", float(nmi.get(routed, float("nan"))), display=False)
 glue("nmi_free", float(nmi.get("moe_free_top2", float("nan"))), display=False)
 glue("nmi_guided", float(nmi.get("moe_meta_guided", float("nan"))), display=False)

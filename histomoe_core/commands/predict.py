@@ -1,8 +1,9 @@
 """``histomoe predict SLIDE --model BUNDLE``: predicted expression for a slide that has no transcriptomics.
 
-    histomoe predict slide.svs --model bundles/her2st_AB --out pred/
-    histomoe predict he.jpg --model b --um-per-px 0.5 --meta organ=Breast "cancer_type=HER2+ IDC" --out pred/
-    histomoe predict he.jpg --model b --um-per-px 1.0 --spots tissue_positions.csv --out pred/
+examples:
+  histomoe predict slide.svs --model bundles/her2st_AB --out pred/
+  histomoe predict he.jpg --model b --um-per-px 0.5 --meta organ=Breast "cancer_type=HER2+ IDC" --out pred/
+  histomoe predict he.jpg --model b --um-per-px 1.0 --spots tissue_positions.csv --out pred/
 
 Writes ``OUT/predictions.h5ad``, ``OUT/predictions.zarr`` (SpatialData) and ``OUT/maps/*.png``; an interrupted
 run resumes from the embedding cache.
@@ -27,7 +28,11 @@ def _meta(pairs: list[str]) -> dict[str, str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="predict expression for a slide (JPEG/PNG/TIFF/SVS/NDPI) with a model bundle")
+    from histomoe_core.commands.options import HELP, positive_float, positive_int
+
+    what = "predict expression for a slide (JPEG/PNG/TIFF/SVS/NDPI) with a model bundle"
+    p = sub.add_parser("predict", help=what, description=what[0].upper() + what[1:] + "; writes an h5ad, a "
+                       "SpatialData zarr and PNG maps.", epilog="examples:" + __doc__.split("examples:", 1)[1], **HELP)
     p.add_argument("slide", type=Path, help="slide image: JPEG, PNG, TIFF (pyramidal or not), SVS, NDPI, ...")
     p.add_argument("--model", required=True, type=Path, help="bundle folder written by `histomoe train`")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -36,14 +41,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--grid", action="store_true", help="spots on a grid at the patch spacing over tissue (default)")
     where.add_argument("--spots", type=Path, default=None,
                        help="CSV of spot centres (x, y in level-0 px) or a Space Ranger tissue_positions file")
-    p.add_argument("--um-per-px", type=float, default=None, help="pixel size at level 0 (when the file lacks it)")
+    p.add_argument("--um-per-px", type=positive_float, default=None, help="pixel size at level 0 (when the file lacks it)")
     p.add_argument("--name", default=None, help="sample name (default: the file name's stem)")
     p.add_argument("--genes", nargs="+", default=None, help="genes to map as PNG (default: the panel's first 4)")
     p.add_argument("--no-zarr", action="store_true", help="skip the SpatialData zarr")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="patches per encoder call (32: peak RSS about 2 GB on a CPU at full speed; 64 about 2.8 GB)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     d = TissueParams()
     t = p.add_argument_group("tissue detection (grid mode)")
     t.add_argument("--thumb-px", type=int, default=d.thumb_px, help="thumbnail size the mask is computed on")

@@ -49,7 +49,10 @@ def uncertainty_report(y: np.ndarray, p: np.ndarray, scores: Mapping[str, np.nda
 
     err = ((np.asarray(y, float) - np.asarray(p, float)) ** 2).mean(1)
     ok = {k: np.asarray(v, float) for k, v in scores.items() if np.isfinite(np.asarray(v, float)).all()}
-    rho = pd.DataFrame({"spearman_with_sq_error": {k: float(spearmanr(v, err).statistic) for k, v in ok.items()}})
+    def spearman(v: np.ndarray) -> float:  # undefined (NaN) for a constant score, without scipy's warning
+        return float(spearmanr(v, err).statistic) if np.ptp(v) > 0 and np.ptp(err) > 0 else float("nan")
+
+    rho = pd.DataFrame({"spearman_with_sq_error": {k: spearman(v) for k, v in ok.items()}})
     curves = pd.DataFrame({k: retention_curve(err, v) for k, v in ok.items()})
     curves["random"] = float(err.mean())
     curves.index.name = "share kept"
