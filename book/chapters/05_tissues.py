@@ -190,9 +190,10 @@ fig = pl.routing.expert_montage(samples, top_spots(run, routed, target=target, n
 # ## Leaving a context out
 #
 # Each fold below holds out *every* section of one context, so the models meet a tissue they never saw. The
-# held-out context is scored on the union genes its sections measure. `cost` is the drop against the same model
-# in the stratified benchmark above, where the context had training sections; the routing table shows which
-# experts the held-out spots were sent to.
+# held-out context has no training sections to choose its panel on, so it is scored on the genes of the other
+# contexts' panels that its sections measure. `cost` is the drop against the same model in the stratified
+# benchmark above, where the context had training sections and was scored on its own panel: it mixes the unseen
+# tissue with the other genes. The routing table shows which experts the held-out spots were sent to.
 
 # %%
 lco = tl.load_run(tissues, encoder=encoder, text_encoder=text_encoder, epochs=epochs, n_seeds=1, progress=False,
