@@ -337,7 +337,8 @@ for label, spec in spatial_contexts.items():
                                      "spatial_context": spec})
 both = CombinedRuns(ctx_runs)
 gains = pd.DataFrame({(label, m): versus(both, [f"{m}@{label}"], f"{m}@none", target=targets[0], n_boot=n_boot).iloc[0]
-                      for label in spatial_contexts for m in context_models}).T
+                      for label in spatial_contexts for m in context_models}).T.astype(
+    {"diff": float, "ci_lo": float, "ci_hi": float})
 scores = pd.DataFrame({label: r.summary.set_index("model")["pearson"] for label, r in ctx_runs.items()})
 best_gain = gains["diff"].astype(float).idxmax()
 glue("ring_radii", " and ".join(str(r) for r in next(iter(spatial_contexts.values()))["neighbours"]["radius_um"]),

@@ -144,7 +144,7 @@ def versus(run: BenchmarkRun, models: Sequence[str], reference: str, *, target: 
             continue
         b = bootstrap_difference(run, m, reference, target=target, **kw)
         rows[m] = {"diff": b["diff"], "ci_lo": b["lo"], "ci_hi": b["hi"], "verdict": b["verdict"]}
-    return pd.DataFrame(rows).T
+    return pd.DataFrame(rows).T.astype({"diff": float, "ci_lo": float, "ci_hi": float})
 
 
 def panel_depth(run: BenchmarkRun, samples, *, target: str) -> pd.DataFrame:
@@ -195,7 +195,7 @@ def context_sizes(run: BenchmarkRun, samples) -> pd.DataFrame:
         train = [sum(spots[i] for i in f["train"] if ctx[i] == c) for f in run.config["folds"]]
         rows[c] = {"sections": len(ids), "groups": len({samples[i].patient for i in ids}),
                    "train_spots": float(np.mean(train))}
-    return pd.DataFrame(rows).T
+    return pd.DataFrame(rows).T.astype({"sections": int, "groups": int})
 
 
 def versus_best_single(run: BenchmarkRun, model: str, singles: Sequence[str], *, target: str, **kw) -> pd.DataFrame:
@@ -208,4 +208,6 @@ def versus_best_single(run: BenchmarkRun, model: str, singles: Sequence[str], *,
         b = bootstrap_difference(run, model, best, target=target, context=ctx, **kw)
         rows[ctx] = {"best single": best, "its score": float(row[best]), model: float(row[model]),
                      "diff": b["diff"], "ci_lo": b["lo"], "ci_hi": b["hi"], "verdict": b["verdict"]}
-    return pd.DataFrame(rows).T
+    out = pd.DataFrame(rows).T
+    num = ["its score", model, "diff", "ci_lo", "ci_hi"]
+    return out.astype({c: float for c in num})
