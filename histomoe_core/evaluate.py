@@ -101,11 +101,15 @@ def score(y: np.ndarray, p: np.ndarray, sections: Sequence[str], genes: Sequence
         "n_test_spots": int(len(y)),
     }
     if context is not None:
-        ctx = context_scores(y, p, np.asarray(context), mask=mask, sections=sections)
-        metrics["pearson"] = float(ctx["pearson"].mean())
-        metrics["worst_context"] = float(ctx["pearson"].min())
-        metrics["n_contexts"] = int(len(ctx))
+        metrics.update(context_metrics(context_scores(y, p, np.asarray(context), mask=mask, sections=sections)))
     return metrics, per_gene, per_section
+
+
+def context_metrics(table: pd.DataFrame) -> dict:
+    """Headline metrics from a :func:`context_scores` table: macro-mean ``pearson``, ``worst_context``,
+    ``n_contexts``."""
+    return {"pearson": float(table["pearson"].mean()), "worst_context": float(table["pearson"].min()),
+            "n_contexts": int(len(table))}
 
 
 def context_scores(y: np.ndarray, p: np.ndarray, context: np.ndarray, *, mask: np.ndarray | None = None,

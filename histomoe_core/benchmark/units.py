@@ -53,14 +53,16 @@ def fit_unit(cfg: BenchmarkConfig, name: str, spec: Mapping[str, Any], train, te
     """Fit one model on one fold (one seed), score it, and write the unit folder."""
     import torch
 
-    from histomoe_core.evaluate import context_scores, score
+    from histomoe_core.evaluate import context_metrics, context_scores, score
 
     est, centre, fit_s = fit_model(cfg, name, spec, train, seed=seed)
     pred, extra = predict_model(est, test)
-    metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes, mask=test.mask,
-                                           context=test.scoring_context())
-    per_context = (context_scores(test.y, pred, test.context_names(), mask=test.mask, sections=test.sample)
-                   if test.mask is not None else None)
+    metrics, per_gene, per_section = score(test.y, pred, test.sample, test.genes, mask=test.mask)
+    per_context = None
+    if test.mask is not None:  # per-context panels: the table once, the headline (macro mean) from it
+        per_context = context_scores(test.y, pred, test.context_names(), mask=test.mask, sections=test.sample)
+        if test.scoring_context() is not None:
+            metrics.update(context_metrics(per_context))
     info = {**(est.info() if hasattr(est, "info") else {}),
             **({"grid_edge": est.grid_warnings} if est.grid_warnings else {})}
     with cache.atomic_dir(unit, checksums=True) as tmp:  # verified by Plan.fit_jobs (cache.intact)
@@ -148,16 +150,23 @@ class Plan:
                 for name, spec in self.cfg.models.items():
                     yield target, fold, name, spec, self.panels[(target, fold.name)].key()
 
+    def _selection_dir(self, target: str, fold, name: str, spec: Mapping[str, Any], genes) -> Path:
+        """The artifact folder of one ``select`` model's inner-CV choice (recorded in :attr:`selections`)."""
+        from histomoe_core.benchmark.selection import selection_key
+
+        out = cache.artifact_dir("benchmark_selections", selection_key(self.cfg, spec, self.inputs, self.code, target,
+                                                                       fold, genes))
+        self.selections[(target, fold.name, name)] = out
+        return out
+
     def selection_jobs(self) -> list[Job]:
-        from histomoe_core.benchmark.selection import select_unit, selection_key
+        from histomoe_core.benchmark.selection import select_unit
 
         jobs = []
         for target, fold, name, spec, genes in self._cells():
             if not is_selection(spec):
                 continue
-            out = cache.artifact_dir("benchmark_selections", selection_key(
-                self.cfg, spec, self.inputs, self.code, target, fold, genes))
-            self.selections[(target, fold.name, name)] = out
+            out = self._selection_dir(target, fold, name, spec, genes)
             if not cache.intact(out, "model selection"):
                 jobs.append(Job(f"{target} {fold.name} {name} inner CV", select_unit,
                                 (self.cfg, name, spec, self.data(target, fold)[0], out)))
@@ -173,7 +182,7 @@ class Plan:
         for target, fold, name, spec, genes in self._cells():
             selected = None
             if is_selection(spec):
-                selected = read_selection(self.selections[(target, fold.name, name)])
+                selected = read_selection(self._selection_dir(target, fold, name, spec, genes))
                 spec = selected["spec"]
             det = is_deterministic(spec)
             for seed in self.cfg.seeds[:1] if det else self.cfg.seeds:
