@@ -395,15 +395,29 @@ class HistoMoE(nn.Module):
                                 None if mask is None else torch.as_tensor(mask))
         return self
 
+    @torch.no_grad()
+    def retrieval_outputs(self, img_emb: Tensor, query_group: Tensor | None = None, *,
+                          batch_size: int = 1024) -> Tensor | None:
+        """The retrieval experts' predictions ``(B, K, G)`` (None without them). They depend on no trained
+        parameter (fixed input transform, fixed bank), so a trainer computes them once per fit, not every epoch."""
+        if self.retrieval is None:
+            return None
+        x = self.input_norm(img_emb.float())
+        return torch.cat([self.retrieval(x[s : s + batch_size],
+                                         None if query_group is None else query_group[s : s + batch_size])
+                          for s in range(0, len(x), batch_size)])
+
     def features(self, img_emb: Tensor) -> Tensor:
         return self.input_norm(img_emb)
 
     # -- forward --
     def forward(self, img_emb: Tensor, meta_emb: Tensor | None = None, context: Tensor | None = None, *,
-                query_group: Tensor | None = None, spatial_emb: Tensor | None = None) -> MoEOutput:
+                query_group: Tensor | None = None, spatial_emb: Tensor | None = None,
+                retrieval_preds: Tensor | None = None) -> MoEOutput:
         """``img_emb (B, D)``, ``meta_emb (B, M)`` or ``(M,)``, ``context (B,)`` long labels (for the guided
         loss), ``query_group (B,)`` group ids the retrieval expert must not retrieve from (training),
-        ``spatial_emb (B, C)`` spatial-context features for a router that reads them."""
+        ``spatial_emb (B, C)`` spatial-context features for a router that reads them, ``retrieval_preds`` the
+        retrieval experts' output for these spots when already known (:meth:`retrieval_outputs`)."""
         if img_emb.dim() != 2 or img_emb.shape[1] != self.cfg.in_dim:
             raise ValueError(f"img_emb must be (B, {self.cfg.in_dim}), got {tuple(img_emb.shape)}")
         x = self.input_norm(img_emb.float())
@@ -413,7 +427,9 @@ class HistoMoE(nn.Module):
         logits, gates, dispatch = self.router(x, meta_emb, spatial)
         expert_preds = self.experts(self.input_drop(x))
         if self.retrieval is not None:
-            expert_preds = torch.cat([expert_preds, self.retrieval(x, query_group)], dim=1)
+            if retrieval_preds is None:
+                retrieval_preds = self.retrieval(x, query_group)
+            expert_preds = torch.cat([expert_preds, retrieval_preds.to(expert_preds)], dim=1)
         pred = torch.einsum("be,beg->bg", gates, expert_preds)
         shared_pred = None
         if self.shared is not None:

@@ -3,7 +3,7 @@
 ``standard_pca(x, k)`` returns ``(mean, scale, components)`` such that ``((x - mean) / scale) @ components`` is the
 first ``k`` principal-component scores (signs fixed: each component's largest-magnitude loading is positive).
 Fits are memoised by the content of ``x``: a benchmark fits many models and seeds on the same training spots, and
-the SVD is most of a small model's fit time.
+the decomposition is most of a small model's fit time.
 """
 from __future__ import annotations
 
@@ -42,8 +42,18 @@ def _fit(x: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarr
         return mean, scale, np.eye(x.shape[1])
     if k > min(x.shape):
         raise ValueError(f"pca_dim={k} exceeds min(n_samples, n_features)={min(x.shape)}; lower pca_dim")
-    z = (x - mean) / scale
-    _, _, vt = np.linalg.svd(z, full_matrices=False)
-    comps = vt[:k].T
+    comps = _leading_directions((x - mean) / scale, k)
     sign = np.sign(comps[np.abs(comps).argmax(0), np.arange(k)])
     return mean, scale, comps * sign
+
+
+def _leading_directions(z: np.ndarray, k: int) -> np.ndarray:
+    """``(D, k)`` orthonormal leading right singular vectors of ``z``, from the eigendecomposition of the smaller
+    Gram matrix (``z'z`` or ``zz'``): the same subspace as an SVD, several times faster for a tall ``z``."""
+    n, d = z.shape
+    if n >= d:
+        w, v = np.linalg.eigh(z.T @ z)
+        return v[:, ::-1][:, :k].copy()
+    w, u = np.linalg.eigh(z @ z.T)
+    v = z.T @ u[:, ::-1][:, :k]
+    return v / np.maximum(np.linalg.norm(v, axis=0), 1e-300)

@@ -243,3 +243,23 @@ def test_several_retrieval_experts_one_per_k():
     assert torch.allclose(out.expert_preds[0, 3], ys[:3].mean(0))  # k = 3
     cfg = MoEConfig.from_dict(m.cfg.as_dict())
     assert cfg.retrieval_ks == (1, 3)
+
+
+def test_precomputed_retrieval_outputs_give_the_same_forward():
+    """A trainer passes the retrieval experts' fixed output once per fit; the forward must not change."""
+    m = make(pca_dim=4, retrieval_k=(2, 5), top_k=None)
+    xtr, group = torch.randn(30, D), torch.arange(30) % 3
+    m.fit_input(xtr).set_bank(xtr, torch.randn(30, G), group)
+    x, meta, ctx = batch()
+    q_group = torch.arange(B) % 3
+    for train in (True, False):
+        m.train(train)
+        torch.manual_seed(3)
+        ref = m(x, meta, ctx, query_group=q_group if train else None)
+        known = m.retrieval_outputs(x, q_group if train else None, batch_size=4)  # batching must not matter
+        torch.manual_seed(3)
+        out = m(x, meta, ctx, query_group=q_group if train else None, retrieval_preds=known)
+        assert torch.allclose(out.pred, ref.pred) and torch.allclose(out.expert_preds, ref.expert_preds)
+        moved = m(x, meta, ctx, query_group=q_group if train else None, retrieval_preds=known + 1.0)
+        assert torch.allclose(moved.expert_preds[:, -2:], known + 1.0)  # what is passed is what is used
+    assert make(retrieval_k=0).retrieval_outputs(x) is None

@@ -54,3 +54,14 @@ def test_moe_input_norm_uses_the_same_transform():
     mean, scale, comps = standard_pca(x.astype(np.float32), 3)
     z = norm(torch.as_tensor(x, dtype=torch.float32)).numpy()
     assert np.allclose(z, ((x - mean) / scale) @ comps, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, d", [(300, 40), (25, 40)])
+def test_leading_directions_span_the_svd_subspace_on_tall_and_wide_data(n, d):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n, d)) @ np.diag(np.linspace(3, 0.1, d)) + 0.01 * rng.normal(size=(n, d))
+    _, _, comps = standard_pca(x, 6)
+    z = (x - x.mean(0)) / x.std(0)
+    ref = np.linalg.svd(z, full_matrices=False)[2][:6].T
+    assert np.allclose(np.abs((comps * ref).sum(0)), 1.0, atol=1e-8)
+    assert np.allclose(comps.T @ comps, np.eye(6), atol=1e-8)
