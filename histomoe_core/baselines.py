@@ -69,12 +69,24 @@ class Preprocess:
 
 
 def ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], *, intercept: bool = True):
-    """Ridge solutions for every alpha from one SVD: returns ``(coefs (A, P, G), intercepts (A, G))``."""
+    """Ridge solutions for every alpha from one eigendecomposition: returns ``(coefs (A, P, G), intercepts (A, G))``."""
+    return ridge_solve(ridge_basis(z, y, intercept=intercept), alphas)
+
+
+def ridge_basis(z: np.ndarray, y: np.ndarray, *, intercept: bool = True) -> tuple:
+    """What every ridge solution of ``(z, y)`` shares: the means, the eigendecomposition ``V diag(lam) V'`` of the
+    centred ``z'z`` and ``V' z'y`` (then ``coef(alpha) = V diag(1 / (lam + alpha)) V' z'y``, the SVD solution)."""
     zm = z.mean(0) if intercept else np.zeros(z.shape[1])
     ym = y.mean(0) if intercept else np.zeros(y.shape[1])
-    u, s, vt = np.linalg.svd(z - zm, full_matrices=False)
-    uty = u.T @ (y - ym)
-    coefs = np.stack([vt.T @ ((s / (s**2 + a))[:, None] * uty) for a in alphas])
+    zc = z - zm
+    lam, v = np.linalg.eigh(zc.T @ zc)
+    return zm, ym, np.maximum(lam, 0.0), v, v.T @ (zc.T @ (y - ym))
+
+
+def ridge_solve(basis: tuple, alphas: Sequence[float]):
+    """``(coefs (A, P, G), intercepts (A, G))`` for every alpha from a :func:`ridge_basis`."""
+    zm, ym, lam, v, vtzy = basis
+    coefs = np.stack([v @ (vtzy / (lam + a)[:, None]) for a in alphas])
     intercepts = ym[None] - np.einsum("p,apg->ag", zm, coefs)
     return coefs, intercepts
 
@@ -85,17 +97,27 @@ def mask_groups(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.flatnonzero(p), np.flatnonzero(inverse.ravel() == k)) for k, p in enumerate(patterns)]
 
 
+def masked_ridge_bases(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None) -> list:
+    """``(genes, basis)`` per measured-rows pattern (one pattern, all genes, without ``mask``); genes measured on
+    fewer than two rows are left out (their coefficients and intercepts stay zero)."""
+    if mask is None:
+        return [(slice(None), ridge_basis(z, y))]
+    return [(genes, ridge_basis(z[rows], y[np.ix_(rows, genes)])) for rows, genes in mask_groups(mask) if len(rows) >= 2]
+
+
+def masked_ridge_solve(bases: list, alphas: Sequence[float], shape: tuple[int, int]):
+    """:func:`ridge_solve` over the patterns of :func:`masked_ridge_bases`; ``shape`` is ``(P, G)``."""
+    coefs = np.zeros((len(alphas), *shape))
+    intercepts = np.zeros((len(alphas), shape[1]))
+    for genes, basis in bases:
+        coefs[:, :, genes], intercepts[:, genes] = ridge_solve(basis, alphas)
+    return coefs, intercepts
+
+
 def masked_ridge_path(z: np.ndarray, y: np.ndarray, alphas: Sequence[float], mask: np.ndarray | None = None):
     """:func:`ridge_path` where each gene is fit on the rows that measure it (``mask``); genes measured on fewer
     than two rows get zero coefficients and intercepts."""
-    if mask is None:
-        return ridge_path(z, y, alphas)
-    coefs = np.zeros((len(alphas), z.shape[1], y.shape[1]))
-    intercepts = np.zeros((len(alphas), y.shape[1]))
-    for rows, genes in mask_groups(mask):
-        if len(rows) >= 2:
-            coefs[:, :, genes], intercepts[:, genes] = ridge_path(z[rows], y[np.ix_(rows, genes)], alphas)
-    return coefs, intercepts
+    return masked_ridge_solve(masked_ridge_bases(z, y, mask), alphas, (z.shape[1], y.shape[1]))
 
 
 class GridEdgeWarning(RuntimeWarning):
@@ -148,10 +170,14 @@ def cv_ridge_alpha(z: np.ndarray, y: np.ndarray, folds, alphas: Sequence[float] 
                    mask: np.ndarray | None = None, context: np.ndarray | None = None) -> GridSearch:
     """Ridge alpha with the best mean inner-fold HEST metric (grid widened while the best is on its edge);
     with ``mask`` / ``context``, masked fits and the per-context macro metric."""
+    bases: dict[int, list] = {}  # one SVD per inner fold (and mask pattern), reused when the grid widens
+
     def evaluate(grid: list) -> np.ndarray:
         scores = np.zeros(len(grid))
-        for tr, va in folds:
-            coefs, b = masked_ridge_path(z[tr], y[tr], grid, _rows(mask, tr))
+        for j, (tr, va) in enumerate(folds):
+            if j not in bases:
+                bases[j] = masked_ridge_bases(z[tr], y[tr], _rows(mask, tr))
+            coefs, b = masked_ridge_solve(bases[j], grid, (z.shape[1], y.shape[1]))
             for i in range(len(grid)):
                 scores[i] += hest_metric(y[va], z[va] @ coefs[i] + b[i], _rows(mask, va), _rows(context, va)) / len(folds)
         return scores
@@ -178,8 +204,7 @@ def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks:
     fallback = None if w is None else yw.sum(0) / np.maximum(w.sum(0), 1)
     out = {k: np.zeros((len(query_z), bank_y.shape[1])) for k in ks}
     for s in range(0, len(query_z), chunk):
-        sim = unit(query_z[s:s + chunk]) @ bank.T
-        order = np.argsort(-sim, axis=1, kind="stable")[:, :kmax]
+        order = top_k_order(unit(query_z[s:s + chunk]) @ bank.T, kmax)
         csum = np.cumsum(yw[order], axis=1)  # (Q, kmax, G)
         cnt = None if w is None else np.cumsum(w[order], axis=1)
         for k in ks:
@@ -189,6 +214,19 @@ def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks:
             else:
                 out[k][s:s + chunk] = np.where(cnt[:, j] > 0, csum[:, j] / np.maximum(cnt[:, j], 1), fallback)
     return out
+
+
+def top_k_order(sim: np.ndarray, k: int) -> np.ndarray:
+    """``(Q, k)`` column indices of each row's ``k`` largest values, largest first, ties by lower index (what a
+    stable full sort gives), from a partial sort."""
+    if k >= sim.shape[1]:
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(sim, part, 1).min(1, keepdims=True)
+    if ((sim == kth).sum(1) > (np.take_along_axis(sim, part, 1) == kth).sum(1)).any():  # a tie across the cut
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    vals = np.take_along_axis(sim, part, 1)
+    return np.take_along_axis(part, np.lexsort((part, -vals), axis=1), 1)
 
 
 def cv_knn_k(z: np.ndarray, y: np.ndarray, folds, ks: Sequence[int] = KS, *, mask: np.ndarray | None = None,

@@ -220,3 +220,25 @@ def test_registry_lists_every_baseline():
     assert {"ridge_hest", "ridge_cv", "knn", "per_context", "mlp"} <= set(BASELINES.list())
     mlp = BASELINES.get("mlp")(hidden=16, match_experts=4)
     assert mlp.moe_kw["n_experts"] == 1 and mlp.moe_kw["hidden"] == 64
+
+
+@pytest.mark.parametrize("k", [1, 7, 60, 200])
+def test_top_k_order_is_the_stable_full_sort_head(k):
+    from histomoe_core.baselines import top_k_order
+
+    rng = np.random.default_rng(2)
+    for sim in (rng.normal(size=(40, 200)), np.round(rng.normal(size=(40, 200)), 1)):  # the second has many ties
+        assert (top_k_order(sim, k) == np.argsort(-sim, axis=1, kind="stable")[:, :k]).all()
+
+
+def test_ridge_from_the_eigendecomposition_matches_sklearn():
+    from sklearn.linear_model import Ridge
+
+    from histomoe_core.baselines import ridge_path
+
+    rng = np.random.default_rng(4)
+    z, y = rng.normal(size=(60, 8)), rng.normal(size=(60, 3))
+    coefs, b = ridge_path(z, y, [0.5, 30.0])
+    for i, a in enumerate([0.5, 30.0]):
+        ref = Ridge(alpha=a).fit(z, y)
+        assert np.allclose(coefs[i], ref.coef_.T, atol=1e-10) and np.allclose(b[i], ref.intercept_, atol=1e-10)
