@@ -205,14 +205,30 @@ def knn_predict(bank_z: np.ndarray, bank_y: np.ndarray, query_z: np.ndarray, ks:
     out = {k: np.zeros((len(query_z), bank_y.shape[1])) for k in ks}
     for s in range(0, len(query_z), chunk):
         order = top_k_order(unit(query_z[s:s + chunk]) @ bank.T, kmax)
-        csum = np.cumsum(yw[order], axis=1)  # (Q, kmax, G)
-        cnt = None if w is None else np.cumsum(w[order], axis=1)
+        sums = _neighbour_sums(order, yw, w, sorted({min(k, kmax) for k in ks}))
         for k in ks:
-            j = min(k, kmax) - 1
+            total, cnt = sums[min(k, kmax)]
             if cnt is None:
-                out[k][s:s + chunk] = csum[:, j] / (j + 1)
+                out[k][s:s + chunk] = total / min(k, kmax)
             else:
-                out[k][s:s + chunk] = np.where(cnt[:, j] > 0, csum[:, j] / np.maximum(cnt[:, j], 1), fallback)
+                out[k][s:s + chunk] = np.where(cnt > 0, total / np.maximum(cnt, 1), fallback)
+    return out
+
+
+def _neighbour_sums(order: np.ndarray, yw: np.ndarray, w: np.ndarray | None, ks: list[int]) -> dict:
+    """``{k: (sum of yw, sum of w)}`` over each row's first ``k`` neighbours in ``order``, for ascending ``ks``:
+    one sparse selection matrix per segment between consecutive ks (no (Q, k, G) intermediate)."""
+    from scipy import sparse
+
+    q, n = len(order), len(yw)
+    total, cnt, prev, out = np.zeros((q, yw.shape[1])), None if w is None else np.zeros((q, w.shape[1])), 0, {}
+    for k in ks:
+        width = k - prev
+        pick = sparse.csr_matrix((np.ones(q * width), order[:, prev:k].ravel(), np.arange(0, q * width + 1, width)),
+                                 shape=(q, n))
+        total = total + pick @ yw
+        cnt = None if w is None else cnt + pick @ w
+        out[k], prev = (total, cnt), k
     return out
 
 
