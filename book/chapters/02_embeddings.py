@@ -68,7 +68,7 @@ cards
 #
 # ## Embedding every spot
 #
-# A patch of {glue:text}`patch_um` um around each spot is cropped from the full-resolution slide, resized to
+# A patch of {glue:text}`patch_um` µm around each spot is cropped from the full-resolution slide, resized to
 # {glue:text}`patch_px` px and
 # embedded into a {glue:text}`embed_dim`-dimensional vector. The cache key covers the encoder and its weights, the
 # patch size, the numeric precision and the image and spot coordinates of each section, so a re-run reads the
