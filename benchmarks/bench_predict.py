@@ -1,7 +1,7 @@
 """Throughput and memory of ``histomoe predict`` on a large pyramidal slide (prints measured numbers).
 
 Writes (once) a synthetic pyramidal TIFF of ``--side`` x ``--side`` px at ``--um-per-px`` (default 40,000 px at
-0.25 um/px, tiles of 512 px, levels 1, 2, 4, 8, 16; a textured tissue disc of radius side / ``--disc``), then runs
+0.25 µm/px, tiles of 512 px, levels 1, 2, 4, 8, 16; a textured tissue disc of radius side / ``--disc``), then runs
 the grid prediction in a child process with a fresh cache and reports:
 
 - patches/s of the embedding stage and its ratio to the encoder's forward ceiling, two ways: the share of the
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     ceiling = max(c[0] for c in r["ceiling"])  # the faster of the two: the ratio is not flattered by a slow moment
     cpu_ceiling = min(c[1] for c in r["ceiling"])
     rate = r["n_patches"] / r["seconds"]
-    print(f"slide {args.side}x{args.side} px at {args.um_per_px} um/px, levels {r['level_downsamples']}; "
+    print(f"slide {args.side}x{args.side} px at {args.um_per_px} µm/px, levels {r['level_downsamples']}; "
           f"{r['n_spots']} grid spots, crop {r['crop_px']} px -> {r['out_px']} px")
     print(f"embedding: {r['n_patches']} patches in {r['seconds']:.1f} s = {rate:.1f} patches/s; the encoder ran "
           f"{r['forward_s']:.1f} s of it (waited for patches {r['starved_s']:.1f} s): ratio to the forward pass at "

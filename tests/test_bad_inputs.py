@@ -267,7 +267,7 @@ def test_hest_spots_off_the_array_grid_are_flagged(tmp_path):
 
 
 def test_hest_embedding_key_follows_the_patch_file_it_reads(tmp_path):
-    """With a slide (wsis/) and patches, 112 um patches come from patches/<id>.h5: the key must follow that file."""
+    """With a slide (wsis/) and patches, 112 µm patches come from patches/<id>.h5: the key must follow that file."""
     import tifffile
 
     from histomoe_core.data.patches import PatchSpec, patch_source

@@ -20,8 +20,8 @@ from histomoe_core.errors import HistoMoEError
 from histomoe_core.paths import environ
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["_config.yml", "_toc.yml", "book/intro.md", "book/references.bib", "book/chapters", "book/configs",
-           "book/notebooks"]
+SOURCES = ["_config.yml", "_toc.yml", "book/intro.md", "book/glossary.md", "book/references.bib", "book/chapters",
+           "book/configs", "book/notebooks"]
 #: a tag that loads a script, stylesheet, image or frame from another host
 REMOTE = re.compile(r"<(?:script|link|img|iframe|source|embed)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
 CSS_REMOTE = re.compile(r"@import\s+(?:url\()?\s*[\"']?(?:https?:)?//", re.I)
@@ -259,12 +259,13 @@ def check_every_chapter_executed(smoke_book, tmp_path):
 def check_every_chapter_page_exists(smoke_book, tmp_path):
     html_dir = smoke_book["html"]
     assert (html_dir / "index.html").is_file() and (html_dir / "book" / "intro.html").is_file()
+    assert (html_dir / "book" / "glossary.html").is_file()
     for c in CHAPTERS:
         page = html_dir / book.EXECUTED_DIR / f"{c.stem}.html"
         assert page.is_file(), f"missing page {page}"
         text = page.read_text()
         # every role rendered (a role inside backticks stays literal text: `{glue:text}`x`` shows as code)
-        unrendered = re.findall(r"\{(?:glue:text|glue|doc|cite)\}", text)
+        unrendered = re.findall(r"\{(?:glue:text|glue|doc|cite|term)\}", text)
         assert not unrendered, f"{page.name}: unrendered MyST role {unrendered[0]!r}"
         # the "Run this chapter" box links to the committed Colab notebook (book/notebooks/), not to build output
         assert f"colab.research.google.com/github/histomoe/histomoe/blob/main/book/notebooks/{c.stem}.ipynb" in text

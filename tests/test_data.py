@@ -146,7 +146,7 @@ def test_coordinates_outside_the_image_are_refused(her2st):
 def test_patches_have_the_physical_size(her2st):
     b4 = her2st["B4"]
     spec = PatchSpec()
-    assert 150 <= spec.crop_px(b4.pixel_size_um) <= 175  # 112 um at ~0.69 um/px
+    assert 150 <= spec.crop_px(b4.pixel_size_um) <= 175  # 112 µm at ~0.69 µm/px
     idx, batch = next(iter_patches(b4, spec, batch_size=4))
     assert batch.shape == (4, 224, 224, 3) and batch.dtype == np.uint8
     assert list(idx) == [0, 1, 2, 3]

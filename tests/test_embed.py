@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def make_sample(folder: Path, sample_id: str = "S1", *, n: int = 30, seed: int = 0, shift: float = 0.0) -> Sample:
-    """A 400 x 300 px noise image at 1 um/px with ``n`` spots on a grid (two of them near the right edge)."""
+    """A 400 x 300 px noise image at 1 µm/px with ``n`` spots on a grid (two of them near the right edge)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     img = folder / f"{sample_id}.png"

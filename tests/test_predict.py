@@ -17,7 +17,7 @@ from PIL import Image
 
 from histomoe_core.cli import main
 
-UM_PER_PX = 0.875  # 112 um patches are 128 px at level 0: read at the 4x level for 32 px output
+UM_PER_PX = 0.875  # 112 µm patches are 128 px at level 0: read at the 4x level for 32 px output
 TRAIN = ["train", "--datasets", "synthetic", "--encoder", "tiny", "--text-encoder", "onehot", "--n-genes", "10",
          "--out-px", "32"]
 

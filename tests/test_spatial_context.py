@@ -17,12 +17,12 @@ from histomoe_core.spatial_context import aggregate, apply_context, check_spec, 
 
 
 def hex_grid(n: int = 9, pitch: float = 100.0) -> np.ndarray:
-    """Visium layout: rows sqrt(3)/2 pitch apart, odd rows shifted by half a pitch (um)."""
+    """Visium layout: rows sqrt(3)/2 pitch apart, odd rows shifted by half a pitch (µm)."""
     return np.array([((c + 0.5 * (r % 2)) * pitch, r * pitch * np.sqrt(3) / 2) for r in range(n) for c in range(n)])
 
 
 def square_grid(n: int = 5, pitch: float = 200.0) -> np.ndarray:
-    """Legacy ST layout: a square grid, 200 um centre to centre (um)."""
+    """Legacy ST layout: a square grid, 200 µm centre to centre (µm)."""
     return np.array([(c * pitch, r * pitch) for r in range(n) for c in range(n)], dtype=float)
 
 
@@ -34,7 +34,7 @@ def test_hexagonal_visium_rings_have_6_then_12_neighbours():
     xy = hex_grid()
     centre = 4 * 9 + 4
     first, second = counts(neighbour_rings(xy, [100.0, 200.0]))
-    assert first[centre] == 6 and second[centre] == 12  # 6 at 100 um; 6 at 173 um + 6 at 200 um
+    assert first[centre] == 6 and second[centre] == 12  # 6 at 100 µm; 6 at 173 µm + 6 at 200 µm
     assert first[0] == 2  # a corner of an even row: right and the one below-right
     assert set(neighbour_rings(xy, 100.0)[0][centre].indices) == {39, 41, 30, 31, 48, 49}
 
@@ -54,7 +54,7 @@ def test_mean_and_gaussian_weights_known_answer():
     mean = aggregate(x, neighbour_rings(xy, 3.0))
     assert mean[:, 0].tolist() == pytest.approx([20.0, 15.0, 5.0])
     g = aggregate(x, neighbour_rings(xy, 3.0, weight="gaussian", sigma_um=1.0))
-    w1, w3 = np.exp(-0.5), np.exp(-4.5)  # spot 0: neighbours at 1 um (10) and 3 um (30)
+    w1, w3 = np.exp(-0.5), np.exp(-4.5)  # spot 0: neighbours at 1 µm (10) and 3 µm (30)
     assert g[0, 0] == pytest.approx((10 * w1 + 30 * w3) / (w1 + w3), rel=1e-6)
 
 
@@ -82,7 +82,7 @@ def make_sample(folder, sid: str, xy_px: np.ndarray, *, patient: str = "P1", px_
 
 @pytest.fixture
 def two_sections(tmp_path) -> SampleSet:
-    """Two sections with the same pixel coordinates (a 5 x 5 square grid, 50 px = 100 um apart at 2 um/px)."""
+    """Two sections with the same pixel coordinates (a 5 x 5 square grid, 50 px = 100 µm apart at 2 µm/px)."""
     xy = square_grid(5, 50.0) + 100
     return SampleSet("toy", [make_sample(tmp_path, "A", xy, px_um=2.0, seed=1),
                              make_sample(tmp_path, "B", xy, patient="P2", px_um=2.0, seed=2)])
@@ -99,7 +99,7 @@ def test_neighbours_never_cross_sections_and_radius_is_in_um(two_sections):
     assert out.x.shape == (50, 9)
     assert (out.x[a] == 0).all() and (out.x[b] == 1).all()  # overlapping coordinates, yet no mixing
     rings = neighbour_rings(two_sections["A"].coords * 2.0, 100.0)
-    assert counts(rings)[0][12] == 4  # 50 px at 2 um/px is the 100 um pitch
+    assert counts(rings)[0][12] == 4  # 50 px at 2 µm/px is the 100 µm pitch
 
 
 def test_context_is_the_same_whatever_subset_or_order(two_sections):
@@ -242,9 +242,9 @@ def test_neighbourhood_figure_shows_the_rings_of_one_spot(tmp_path):
     s = make_sample(tmp_path, "F", square_grid(5, 100.0) + 50, px_um=2.0, shape=(600, 600))
     fig = pl.spatial_context.neighbourhood(s, "F_12", radius_um=[200, 300], wide_um=336)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["ring 1: 4 spots <= 200 um", "ring 2: 4 spots <= 300 um", "spot patch 112 um", "wide patch 336 um"]
+    assert labels == ["ring 1: 4 spots <= 200 µm", "ring 2: 4 spots <= 300 µm", "spot patch 112 µm", "wide patch 336 µm"]
     corner = pl.spatial_context.neighbourhood(s, 0, radius_um=200, wide_um=None)  # clipped at the image corner
-    assert [t.get_text() for t in corner.axes[0].get_legend().get_texts()][0] == "ring 1: 2 spots <= 200 um"
+    assert [t.get_text() for t in corner.axes[0].get_legend().get_texts()][0] == "ring 1: 2 spots <= 200 µm"
 
 
 def test_cli_refuses_a_bad_spatial_context_before_loading(capsys):

@@ -76,7 +76,7 @@ def test_slide_image_and_patch_file_agree(synth):
     finally:
         s.patches_path = saved
     np.testing.assert_array_equal(from_slide, from_h5)
-    # other patch sizes are cut from the slide image: 224 um = 2 x 2 tiles, whose centre quarter is the spot's tile
+    # other patch sizes are cut from the slide image: 224 µm = 2 x 2 tiles, whose centre quarter is the spot's tile
     assert not np.array_equal(wider, from_h5)
     wider_from_both = np.concatenate([b for _, b in iter_patches(s, PatchSpec(size_um=224, out_px=64))])
     np.testing.assert_array_equal(wider_from_both[:, 16:48, 16:48], from_h5)

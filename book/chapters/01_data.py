@@ -21,8 +21,8 @@
 # It starts with **every dataset** side by side, before anything is pooled: tissues, species, technologies and
 # pixel sizes differ, and a model that pools them has to cope with all of it. The rest of the chapter then looks
 # closely at one dataset. The default profile reads **her2st** (Andersson et al. 2021
-# {cite}`andersson2021her2st`): HER2-positive breast cancer measured with legacy Spatial Transcriptomics (100 um
-# spots on a 200 um grid). The smoke profile runs the same cells on the synthetic dataset.
+# {cite}`andersson2021her2st`): HER2-positive breast cancer measured with legacy Spatial Transcriptomics (100 µm
+# spots on a 200 µm grid). The smoke profile runs the same cells on the synthetic dataset.
 
 # %% tags=["parameters"]
 profile = "her2st"
@@ -64,19 +64,19 @@ every
 # ## Every dataset
 #
 # {glue:text}`n_datasets` datasets, {glue:text}`n_all_sections` sections, {glue:text}`n_contexts` tissue
-# contexts and {glue:text}`n_species` species. Pixel sizes run from {glue:text}`px_range` um/px, so one
-# {glue:text}`patch_um` um patch spans {glue:text}`patch_px_range` source pixels (`patch_px`) before it is resized
+# contexts and {glue:text}`n_species` species. Pixel sizes run from {glue:text}`px_range` µm/px, so one
+# {glue:text}`patch_um` µm patch spans {glue:text}`patch_px_range` source pixels (`patch_px`) before it is resized
 # for the encoder: the same tissue area, at very different detail. Sections whose patches span fewer than 32
 # source pixels (the Visium hires images) are upsampled about 8-fold. `background` counts the patches that are
 # mostly glass or masked background (the patch QC below); most of them are in {glue:text}`top_background` (on
-# the default profile: the airy COVID-19 lung sections and her2st's poorly registered A2). Each panel below is one section with its spots drawn at their physical size (100 um legacy-ST
-# spots, 55 um Visium spots).
+# the default profile: the airy COVID-19 lung sections and her2st's poorly registered A2). Each panel below is one section with its spots drawn at their physical size (100 µm legacy-ST
+# spots, 55 µm Visium spots).
 
 # %%
 fig = pl.datasets.section_grid(overview, spec=spec)
 
 # %% [markdown]
-# One row per tissue context: random {glue:text}`patch_um` um patches of one of its sections, as the encoder
+# One row per tissue context: random {glue:text}`patch_um` µm patches of one of its sections, as the encoder
 # sees them (here at 96 px).
 
 # %%
@@ -129,7 +129,7 @@ qc_summary
 #
 # ### Patch QC
 #
-# The model sees a square patch around each spot ({glue:text}`patch_um` um wide, HEST-Bench's size, resized to
+# The model sees a square patch around each spot ({glue:text}`patch_um` µm wide, HEST-Bench's size, resized to
 # {glue:text}`patch_px` px). Two things can go wrong: the
 # patch can leave the image (it is then padded with white), or it can be mostly background (glass, or a masked
 # region). Here {glue:text}`n_out` patches leave their image and {glue:text}`n_background` are flagged as

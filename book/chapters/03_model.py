@@ -24,8 +24,8 @@
 #
 # | piece | what it does |
 # |---|---|
-# | `Router` | logits from the image features, the metadata embedding, or both; gates by softmax over all experts (*soft*) or over the `top_k` largest logits (*sparse*), optionally with noisy gating |
-# | `Experts` | `E` heads (`linear` or `mlp`) evaluated in one batched product; optional *retrieval* experts (mean expression of the nearest training spots) and an optional *shared* expert added to every prediction |
+# | `Router` | logits from the image features, the metadata embedding, or both; gates by softmax over all experts (*soft*) or over the `top_k` largest logits (*sparse*, {term}`top-k routing`), optionally with {term}`noisy gating` {cite}`shazeer2017moe` |
+# | `Experts` | `E` heads (`linear` or `mlp`) evaluated in one batched product; optional {term}`retrieval` experts (mean expression of the nearest training spots) and an optional *shared* expert added to every prediction |
 # | `HistoMoE` | `pred = sum_e gate_e * expert_e(x) [+ shared(x)]`, returned with the gates, every expert's prediction and the auxiliary losses |
 
 # %% tags=["parameters"]
@@ -79,10 +79,10 @@ pd.DataFrame(out.gates.detach().numpy().round(3), columns=[f"expert {e}" for e i
 # %% [markdown]
 # With `top_k=2` every row has exactly two non-zero gates. The auxiliary losses are:
 #
-# - **balance** (Switch Transformer): `E * sum_e f_e * P_e`, with `f_e` the fraction of spots dispatched to
+# - **balance** ({term}`load-balance loss`, Switch Transformer {cite}`fedus2022switch`): `E * sum_e f_e * P_e`, with `f_e` the fraction of spots dispatched to
 #   expert `e` and `P_e` its mean router probability. It is 1 when routing is uniform and `E` when every spot
 #   goes to one expert, so it pushes against collapse;
-# - **z** (ST-MoE): the mean squared log-sum-exp of the router logits, which keeps logits small and training stable;
+# - **z** ({term}`router z-loss`, ST-MoE {cite}`zoph2022stmoe`): the mean squared log-sum-exp of the router logits, which keeps logits small and training stable;
 # - **guide**: the cross-entropy of the router logits toward the expert tied to each spot's context
 #   (organ / cancer type); present only when context labels are given.
 #

@@ -16,28 +16,28 @@
 # Every model in this chapter sees the same folds, the same gene panels and the same embeddings, and is scored
 # the same way. The protocol is built so that nothing about the test patients can flatter a model:
 #
-# - **Folds**: leave one patient out ({glue:text}`n_patients` patients, so {glue:text}`n_folds` folds). Serial
+# - **Folds**: {term}`leave one patient out <leave-one-patient-out>` ({glue:text}`n_patients` patients, so {glue:text}`n_folds` folds). Serial
 #   sections of a patient never straddle train and test.
 # - **Gene panel**: {glue:text}`cfg_n_genes` genes per fold chosen on the fold's *training* sections only, by
-#   HEST-Bench's rule (rule {glue:text}`panel_rule`): drop genes detected in fewer than {glue:text}`cfg_min_frac`
+#   HEST-Bench's {term}`panel rule` (rule {glue:text}`panel_rule`): drop genes detected in fewer than {glue:text}`cfg_min_frac`
 #   of the spots of any training section and control probes, then the highly variable genes of scanpy's `seurat`
 #   flavour on log1p counts, i.e. genes that vary more than other genes *of the same expression level*.
 #   HEST-Bench runs this rule on all samples of a task, test included; here it never sees the test patient.
 #   The older rule of this project (`variance`: the genes whose log1p counts vary most) is compared below.
-# - **Targets**: `log1p` of raw counts (HEST-Bench's choice) and `log1p_norm` (library-size normalised, then
+# - **Targets**: {term}`log1p` of raw counts (HEST-Bench's choice) and {term}`log1p_norm` (library-size normalised, then
 #   log1p), side by side.
-# - **Choices inside the training folds**: every setting a model can choose is chosen by inner cross-validation
+# - **Choices inside the training folds**: every setting a model can choose is chosen by {term}`inner cross-validation <inner CV>`
 #   on the training sections of each fold, never on the test fold: the ridge penalty, the number of neighbours,
-#   whether to train on *section-centred* targets (each training section's mean moved to the pooled mean, which
+#   whether to train on {term}`section-centred targets` (each training section's mean moved to the pooled mean, which
 #   removes sequencing-depth offsets between sections), and for `histomoe` its architecture and router input.
 #   With only {glue:text}`n_train_patients` training patients per fold, inner folds group by **section**
 #   (a patient-grouped inner CV would have two folds, each fitting on one patient alone).
-# - **Metric**: the HEST metric, Pearson r per gene over all test spots of a fold pooled, mean over genes; then
+# - **Metric**: the {term}`HEST metric`, Pearson r per gene over all test spots of a fold pooled, mean over genes; then
 #   the mean over folds (and seeds), `±` the standard deviation over folds (ddof = 0, as HEST-Bench). The
-#   per-section Pearson and the MSE are reported too.
+#   {term}`per-section Pearson` and the MSE are reported too.
 # - **Paired uncertainty**: a model is compared with another on the same folds, sections and seeds; the
-#   interval is a bootstrap over held-out sections (within folds) and seeds, and a difference whose interval
-#   covers 0 is called a tie.
+#   interval is a {term}`paired bootstrap` over held-out sections (within folds), the spots within them and the
+#   seeds, and a difference whose interval covers 0 is called a {term}`tie`.
 # - **Seeds**: neural models are trained with {glue:text}`n_seeds` seeds; ridge, retrieval and per-context
 #   models are deterministic and fit once.
 #
@@ -47,7 +47,7 @@
 # |---|---|
 # | `ridge_hest` | HEST-Bench's head as published: StandardScaler, PCA-256, ridge with HEST's fixed alpha, raw targets |
 # | `ridge_cv` | the same features, alpha by inner CV (the grid widens while the best alpha is on its edge) |
-# | `knn` | retrieval of the nearest training spots (cosine, BLEEP-style), k by inner CV |
+# | `knn` | {term}`retrieval` of the nearest training spots (cosine, BLEEP-style {cite}`xie2023bleep`), k by inner CV |
 # | `per_context` | one `ridge_cv` per organ / cancer type (her2st has one, so it equals `ridge_cv`) |
 # | `mlp` | one MLP with about the parameters of the plain MoE |
 # | `moe_soft_mlp` | a plain soft MoE of four MLP experts, routed by the image, section-centred targets (fixed) |

@@ -19,7 +19,8 @@
 #
 # 1. on **synthetic data with a known answer** (organ-specific gene programs), to see what a good routing looks
 #    like;
-# 2. on **her2st**, where the router reads only the image, against patients, sections and the pathologist's
+# 2. on **her2st**, where every section has the same metadata, so the router can only separate spots by their
+#    image, against patients, sections and the pathologist's
 #    region labels of section A1;
 # 3. at the **genes**: measured against predicted expression on held-out tissue, and HistoMoE against the
 #    baselines gene by gene.
@@ -52,6 +53,7 @@ import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # no widgets in the executed book
 warnings.filterwarnings("ignore", category=FutureWarning)  # scanpy suggests squidpy for sc.pl.spatial
+import numpy as np
 import pandas as pd
 import scanpy as sc
 from myst_nb import glue
@@ -73,10 +75,11 @@ pd.Series({"run": run.path.name, "dataset": dataset, "encoder": encoder, "model"
 #
 # The synthetic data (chapter 03) have a known structure: each section comes from one of several organs, and
 # each organ turns the same visible cell types into **different** gene programs. A single image-to-expression
-# map has to average the organs; one expert per organ does not. The synthetic benchmark's HistoMoE routes on the
-# metadata embedding of the section ("kidney, clear cell renal carcinoma", ...), picks one expert per spot
-# (top-1) and is nudged toward one expert per organ by a small guide loss. Below, its first fold's model is
-# applied to every section (training and held-out sections alike).
+# map has to average the organs; one expert per organ does not. The synthetic benchmark's HistoMoE is set up to
+# route on the metadata embedding of the section ("kidney, clear cell renal carcinoma", ...), to pick one expert
+# per spot ({term}`top-1 routing <top-k routing>`) and to be nudged toward one expert per organ by a small guide
+# loss; the model opened here {glue:text}`ref_setup`. Below, its first fold's model is applied to every section
+# (training and held-out sections alike).
 
 # %%
 ref_run = run if dataset == reference else tl.load_run(reference, progress=False, **reference_options)
@@ -91,15 +94,30 @@ glue("ref_ari", ref_organ.ari, display=False)
 glue("ref_cell_nmi", ref_cells.nmi, display=False)
 glue("ref_entropy", float(ref.obs["histomoe_gate_entropy"].median()), display=False)
 glue("ref_n_experts", len(ref.uns["histomoe"]["experts"]), display=False)
+ref_cfg = ref_run.load_model(model, ref_fold["name"], seed, ref_run.config["config"]["targets"][0]).cfg
+glue("ref_setup", f"reads the {ref_cfg.router_input} embedding"
+     + (f", routes top-{ref_cfg.top_k}" if ref_cfg.top_k else ", routes softly (all experts)")
+     + (f" and has a guide loss of weight {ref_cfg.guide_weight:g}" if ref_cfg.guide_weight else " and no guide loss"),
+     display=False)
+tab = ref_organ.table
+dominant, top_share = tab.idxmax(axis=1), float((tab.max(axis=1) / tab.sum(axis=1)).min())
+glue("ref_verdict", ("Each organ goes to its own expert" if top_share >= 0.9 else
+                     f"Each organ has its own dominant expert (at least {top_share:.0%} of its spots)")
+     if dominant.nunique() == len(dominant) else "Some organs share a dominant expert", display=False)
+glue("ref_entropy_phrase", f"With top-1 routing each spot uses exactly one of the {len(ref.uns['histomoe']['experts'])} "
+     "experts, so the median gate entropy is" if ref_cfg.top_k == 1 else
+     f"Over the {len(ref.uns['histomoe']['experts'])} experts the median gate entropy is", display=False)
+glue("ref_cell_phrase", "this router reads the metadata, not the image, so within a section every spot goes to "
+     "the same expert" if ref_cfg.router_input == "meta" else f"this router reads the {ref_cfg.router_input} "
+     "embedding", display=False)
 fig = pl.routing.expert_usage(ref, groupby="organ", title="Synthetic data: mean gate weight per organ")
 
 # %% [markdown]
-# Each organ goes to its own expert: the dominant expert and the organ agree with a normalised mutual
-# information (NMI) of {glue:text}`ref_nmi:.2f` and an adjusted Rand index (ARI) of {glue:text}`ref_ari:.2f`
-# (1 = the same partition, 0 = unrelated). With top-1 routing each spot uses exactly one of the
-# {glue:text}`ref_n_experts` experts, so the median gate entropy is {glue:text}`ref_entropy:.2f`. The cell type
-# that dominates a spot, also known here, is unrelated to the routing (NMI {glue:text}`ref_cell_nmi:.2f`): this
-# router reads the metadata, not the image, so within a section every spot goes to the same expert. This is the
+# {glue:text}`ref_verdict`: the dominant expert and the organ agree with a normalised mutual
+# information ({term}`NMI`) of {glue:text}`ref_nmi:.2f` and an adjusted Rand index ({term}`ARI`) of
+# {glue:text}`ref_ari:.2f` (1 = the same partition, 0 = unrelated). {glue:text}`ref_entropy_phrase`
+# {glue:text}`ref_entropy:.2f`. The cell type that dominates a spot, also known here, agrees with the routing at
+# NMI {glue:text}`ref_cell_nmi:.2f`: {glue:text}`ref_cell_phrase`. This is the
 # pattern to look for in real data: a routing that lines up with a variable known to change the image-to-gene
 # map.
 
@@ -273,13 +291,22 @@ fig = pl.genes.gene_pearson(per_gene, models=models_shown, n_genes=20, sort_by=m
                             title=f"Fold {gene_fold}: per-gene Pearson over the held-out spots (top 20 of {model})")
 
 # %%
-fig = pl.genes.prediction_scatter(tl.held_out(gdata), genes, color_by="sample_id")
+ho = tl.held_out(gdata)
+cols = [list(gdata.var_names).index(g) for g in genes]
+sd_ratio = float(np.median(np.nanstd(np.asarray(ho.layers["histomoe"])[:, cols], axis=0)
+                           / np.nanstd(np.asarray(ho.layers["target"])[:, cols], axis=0)))
+glue("sd_ratio", sd_ratio, display=False)
+glue("sd_phrase", "the shrinkage typical of regression from images, predictions covering a narrower range than the "
+     "measurements" if sd_ratio < 1 else "no shrinkage: the predictions cover at least the measurements' range",
+     display=False)
+fig = pl.genes.prediction_scatter(ho, genes, color_by="sample_id")
 
 # %% [markdown]
 # Over the pooled held-out spots of fold {glue:text}`gene_fold`, the best-predicted gene,
 # {glue:text}`top_gene`, reaches a Pearson r of {glue:text}`top_gene_r:.2f` (bars above; the benchmark's
-# baselines beside it). The scatter plots show the shrinkage typical of regression from images: the predictions
-# follow the measurements in order but cover a narrower range.
+# baselines beside it). In the scatter plots, the predictions' spread is {glue:text}`sd_ratio:.0%` of the
+# measurements' (standard deviation over the held-out spots, median over these genes):
+# {glue:text}`sd_phrase`.
 #
 # To explore any panel gene: choose it in the drop-down, switch between measured and predicted colouring, hover
 # a spot for its values and gate weights, or drag a rectangle on the scatter to find those spots on the tissue.

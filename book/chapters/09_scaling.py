@@ -31,6 +31,7 @@ from myst_nb import glue
 
 from histomoe_core.book import dependency_table, environment
 from histomoe_core.data.hest import hest_task, task_names
+from histomoe_core.data.hest_bench import BENCH_TASKS
 from histomoe_core.embed import resolve_device
 
 env = environment()
@@ -100,12 +101,16 @@ env
 # histomoe book --profile hest -p "dataset_options={task: PRAD}" -p encoder=hf-hub:MahmoodLab/UNI
 # ```
 #
-# The manifest lists {glue:text}`n_tasks` HEST-Bench tasks (read below with no network; HCC was later dropped
-# from the benchmark). Each has its folds split by patient and a shipped gene list:
+# HEST-Bench has {glue:text}`n_tasks` tasks, read below from the manifest with no network.
+# {glue:text}`other_tasks` Each task has its folds split by patient and a shipped gene list:
 
 # %%
-tasks = [hest_task(name) for name in task_names()]
+tasks = [hest_task(name) for name in BENCH_TASKS]
+others = [name for name in task_names() if name not in BENCH_TASKS]
 glue("n_tasks", len(tasks), display=False)
+glue("other_tasks", f"The manifest also lists {', '.join(others)}, which HEST-Bench later dropped; "
+     f"{'it stays' if len(others) == 1 else 'they stay'} loadable on {'its' if len(others) == 1 else 'their'} own "
+     f"but {'is' if len(others) == 1 else 'are'} left out of this table." if others else "", display=False)
 table = {t["name"]: {"samples": len(t["samples"]), "patient folds": len(t["folds"]), "genes": len(t["genes"])} for t in tasks}
 pd.DataFrame(table).T
 

@@ -94,7 +94,7 @@ pd.Series({"held-out patient": held_out, "sections predicted": ", ".join(s.sampl
 pd.Series({
     "format / version": f"{man['format']} v{man['version']} (histomoe {man['package_version']}, {man['created']})",
     "encoder": f"{man['encoder']['name']}, weights {man['encoder']['weights_sha256']}",
-    "patch": f"{man['patch']['size_um']:g} um -> {man['patch']['out_px']} px",
+    "patch": f"{man['patch']['size_um']:g} µm -> {man['patch']['out_px']} px",
     "genes": f"{len(man['genes'])} ({man['panel']['rule']} rule on the training sections; {man['target']} targets)",
     "model": f"{man['model']['name']}: {(man['model']['selection'] or {}).get('chosen', 'one fixed spec')} "
              f"({man['model']['kind']}, seed {man['model']['seed']})",

@@ -18,7 +18,7 @@ VERBS = {
     "list": "datasets with a manifest, and every dataset name the other commands accept",
     "fetch": "copy a dataset from a mirror or download it, and verify every file (--sections; HEST: --task / --samples)",
     "verify": "check the sha256 of every file of a fetched dataset (--sections; HEST: --task / --samples)",
-    "summary": "sections, patients, spots, genes, um/px and image sizes of a dataset",
+    "summary": "sections, patients, spots, genes, µm/px and image sizes of a dataset",
 }
 
 

@@ -77,7 +77,7 @@ def run(args) -> int:
     files = write_outputs(pred, args.out, genes=args.genes, zarr=not args.no_zarr)
     a = pred.adata
     print(f"{args.slide.name}: {a.n_obs} spots x {a.n_vars} genes ({pred.info['mode']}, "
-          f"{pred.info['um_per_px']:.4g} um/px, {pred.info['backend']})")
+          f"{pred.info['um_per_px']:.4g} µm/px, {pred.info['backend']})")
     e = pred.info["embedding"]
     if e["n_patches"]:
         print(f"  embedded {e['n_patches']} patches in {e['seconds']:.1f} s ({e['n_patches'] / e['seconds']:.1f} patches/s)")

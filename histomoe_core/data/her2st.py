@@ -65,7 +65,7 @@ def check_spot_grid(spots: pd.DataFrame, path: Path) -> None:
 
 
 def grid_pixel_size(spots: pd.DataFrame, scale: float) -> float:
-    """um/px of the image, from the least-squares pitch of spot pixels against array positions."""
+    """µm/px of the image, from the least-squares pitch of spot pixels against array positions."""
     pitches = []
     for a, p in (("new_x", "pixel_x"), ("new_y", "pixel_y")):
         slope = np.polyfit(spots[a].to_numpy(float), spots[p].to_numpy(float), 1)[0]

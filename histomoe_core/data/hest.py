@@ -3,7 +3,7 @@
 A downloaded HEST sample ``<id>`` lives in HEST's own layout, which this module reads as is::
 
     st/<id>.h5ad          AnnData, spots x genes raw counts, spot pixel coords (x, y) in obsm["spatial"]
-    patches/<id>.h5       img (N x 224 x 224 x 3 uint8, 112 um at 0.5 um/px), barcode (N x 1), coords (N x 2)
+    patches/<id>.h5       img (N x 224 x 224 x 3 uint8, 112 µm at 0.5 µm/px), barcode (N x 1), coords (N x 2)
     metadata/<id>.json    pixel_size_um_estimated, organ, oncotree_code, patient, st_technology, ...
     wsis/<id>.tif         the whole-slide image (optional here: the patches suffice for HEST-Bench)
     HEST_v1_1_0.csv       one row per sample (the sample table HEST subsets are chosen from)
@@ -46,7 +46,7 @@ from histomoe_core.errors import DataError, FetchError
 SAMPLE_FILES = ("st/{id}.h5ad", "patches/{id}.h5", "metadata/{id}.json")
 WSI_FILE = "wsis/{id}.tif"
 SUMS = "SHA256SUMS"
-#: HEST patches: 224 px at 0.5 um/px
+#: HEST patches: 224 px at 0.5 µm/px
 PATCH_SIZE_UM = 112.0
 
 #: OncoTree codes of the HEST-Bench tasks (and the synthetic organs) -> cancer type written in metadata text

@@ -118,7 +118,7 @@ def load_colon(root: Path, sid: str, x: dict, zoom: int) -> Sample:
 
 @SOURCES.register(NAME)
 def load_murine_colon(*, sections: Sequence[str] | None = None, zoom: int | None = None, root: Path | None = None) -> SampleSet:
-    """The day-0 colon section, its image stitched from the tile pyramid at ``zoom`` (default 4, ~1.9 um/px)."""
+    """The day-0 colon section, its image stitched from the tile pyramid at ``zoom`` (default 4, ~1.9 µm/px)."""
     x = load_manifest(NAME).extra
     names = list(sections) if sections is not None else list(x["sections"])
     unknown = sorted(set(names) - set(x["sections"]))

@@ -41,7 +41,7 @@ class Sample:
         self.adata.obs["sample_id"] = self.sample_id
         self.adata.obs["patient"] = self.patient
         if not np.isfinite(self.pixel_size_um) or self.pixel_size_um <= 0:
-            raise DataError(f"{self.sample_id}: pixel size must be a positive number of um/px, got {self.pixel_size_um}")
+            raise DataError(f"{self.sample_id}: pixel size must be a positive number of µm/px, got {self.pixel_size_um}")
 
     @property
     def n_spots(self) -> int:

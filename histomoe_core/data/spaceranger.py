@@ -8,8 +8,8 @@ small documented text formats beside the matrix (``tissue_positions[_list].csv``
 file and the fix.
 
 Spot centres are returned in pixels of the image actually read (hires by default); the pixel size is given or
-measured from the spot spacing (100 um centre to centre). ``spot_diameter_fullres`` is not used for it: on the
-ffpe_analysis sections it gives ~3.3 um/px where the spacing and HEST-1k agree on ~4.2.
+measured from the spot spacing (100 µm centre to centre). ``spot_diameter_fullres`` is not used for it: on the
+ffpe_analysis sections it gives ~3.3 µm/px where the spacing and HEST-1k agree on ~4.2.
 Multi-genome references (``GRCh38__ACTB``) are split by genome: one host species per sample, pathogen features
 (e.g. SARS-CoV-2 ``wuhCor1_*``) leave the matrix and become a per-spot count in ``obs``.
 """
@@ -89,7 +89,7 @@ def read_scalefactors(spatial: Path) -> dict:
 
 
 def spacing_pixel_size(xy: np.ndarray, pitch_um: float = VISIUM_PITCH_UM) -> float:
-    """um/px from the median nearest-neighbour distance between spot centres (the array pitch)."""
+    """µm/px from the median nearest-neighbour distance between spot centres (the array pitch)."""
     from scipy.spatial import cKDTree
 
     if len(xy) < 2:

@@ -18,8 +18,8 @@ def patch_source_px(sample: Sample, spec: PatchSpec = PatchSpec()) -> int:
     px = spec.crop_px(sample.pixel_size_um)
     if px < LOW_SOURCE_PX:
         warnings.warn(
-            f"{sample.sample_id}: a {spec.size_um:g} um patch spans only {px} source pixels "
-            f"({sample.pixel_size_um:.2f} um/px), upsampled to {spec.out_px}; use a higher-resolution image if one exists",
+            f"{sample.sample_id}: a {spec.size_um:g} µm patch spans only {px} source pixels "
+            f"({sample.pixel_size_um:.2f} µm/px), upsampled to {spec.out_px}; use a higher-resolution image if one exists",
             stacklevel=2,
         )
     return px
@@ -39,7 +39,7 @@ def summary_table(samples: SampleSet, spec: PatchSpec = PatchSpec()) -> pd.DataF
     low = [r["section"] for r in rows if r["patch_px"] < LOW_SOURCE_PX]
     if low:
         warnings.warn(
-            f"{len(low)} sections have {spec.size_um:g} um patches under {LOW_SOURCE_PX} source pixels "
+            f"{len(low)} sections have {spec.size_um:g} µm patches under {LOW_SOURCE_PX} source pixels "
             f"({', '.join(low)}): they are upsampled to {spec.out_px} px", stacklevel=2,
         )
     return pd.DataFrame(rows).set_index("section")

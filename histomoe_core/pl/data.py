@@ -166,7 +166,7 @@ def example_patches(
                 ax.set_title(str(sample.adata.obs_names[idx[c]]), fontsize=7)
         axes[r, 0].text(-0.15, 0.5, f"{label}\n({len(groups[label])} spots)", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=9)
-    fig.suptitle(f"{sample.sample_id}: {spec.size_um:g} um patches", fontsize=10)
+    fig.suptitle(f"{sample.sample_id}: {spec.size_um:g} µm patches", fontsize=10)
     fig.tight_layout()
     return fig
 

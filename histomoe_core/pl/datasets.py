@@ -23,14 +23,14 @@ def _all(datasets: Mapping[str, SampleSet]) -> list[tuple[str, Sample]]:
 def section_grid(datasets: Mapping[str, SampleSet], *, ncols: int = 6, size: float = 2.6,
                  spec: PatchSpec = PatchSpec()) -> plt.Figure:
     """Every section's H&E thumbnail with its spots at their physical size; the title gives dataset, section,
-    spots, um/px and the source pixels across a ``spec.size_um`` patch."""
+    spots, µm/px and the source pixels across a ``spec.size_um`` patch."""
     items = _all(datasets)
     nrows = int(np.ceil(len(items) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 1.15 * nrows), squeeze=False)
     for ax in axes.ravel()[len(items):]:
         ax.set_axis_off()
     for (name, s), ax in zip(items, axes.ravel()):
-        title = (f"{name}\n{s.sample_id}: {s.n_spots} spots\n{s.pixel_size_um:.2f} um/px, "
+        title = (f"{name}\n{s.sample_id}: {s.n_spots} spots\n{s.pixel_size_um:.2f} µm/px, "
                  f"patch {spec.crop_px(s.pixel_size_um)} px")
         spatial_scatter(s, None, ax=ax, spot_um=float(s.meta.get("spot_um", 100.0)),
                         image=thumbnail(s, max_px=OVERVIEW_THUMB_PX), title=title)
@@ -58,6 +58,6 @@ def context_montage(datasets: Mapping[str, SampleSet], *, n: int = 8, spec: Patc
             ax.imshow(p)
         row[0].text(-0.1, 0.5, f"{context}\n({s.sample_id}, {spec.crop_px(s.pixel_size_um)} px)", transform=row[0].transAxes,
                     ha="right", va="center", fontsize=7)
-    fig.suptitle(f"{spec.size_um:g} um patches per tissue context", fontsize=9)
+    fig.suptitle(f"{spec.size_um:g} µm patches per tissue context", fontsize=9)
     fig.tight_layout()
     return fig

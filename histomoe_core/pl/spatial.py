@@ -60,7 +60,7 @@ def category_palette(levels: Sequence) -> dict[str, tuple]:
 
 
 def grid_spot_um(sample: Sample, *, fill: float = 0.85) -> float:
-    """A drawn spot diameter (um) that fills ``fill`` of the spot grid pitch (median nearest-neighbour distance),
+    """A drawn spot diameter (µm) that fills ``fill`` of the spot grid pitch (median nearest-neighbour distance),
     so per-spot colours stay readable at figure size (the measured spot itself may be smaller)."""
     from scipy.spatial import cKDTree
 

@@ -24,7 +24,7 @@ def spot_index(sample: Sample, spot: int | str) -> int:
 
 def _crop_um(sample: Sample, centre_px: np.ndarray, half_um: float) -> tuple[np.ndarray, tuple[float, ...]]:
     """The H&E square of half-width ``half_um`` around ``centre_px`` (white outside the image) and its extent
-    in um relative to the centre (for ``imshow``)."""
+    in µm relative to the centre (for ``imshow``)."""
     half = int(round(half_um / sample.pixel_size_um))
     x0, y0 = (int(round(c)) - half for c in centre_px)
     with Image.open(sample.image_path) as im:
@@ -43,7 +43,7 @@ def neighbourhood(sample: Sample, spot: int | str, *, radius_um: float | Sequenc
                   ax: plt.Axes | None = None) -> Figure:
     """The neighbourhood of one spot: H&E around it, its ``spot_um`` patch, the ``wide_um`` field of view
     (None: not drawn), the ring edges of ``radius_um`` and the spots of each ring (coloured by ring; other
-    spots as grey outlines), with axes in um from the spot centre."""
+    spots as grey outlines), with axes in µm from the spot centre."""
     i = spot_index(sample, spot)
     edges = ring_edges(radius_um)
     xy = section_coords_um(sample)
@@ -63,15 +63,15 @@ def neighbourhood(sample: Sample, spot: int | str, *, radius_um: float | Sequenc
         ax.scatter(*rel[members].T, s=40, color=colours(k + 1), edgecolors="white", linewidths=0.5, zorder=3)
         ax.add_patch(Circle((0, 0), edges[k], fill=False, ls="--", lw=1, color=colours(k + 1)))
         handles.append(Line2D([], [], ls="", marker="o", color=colours(k + 1),
-                              label=f"ring {k + 1}: {len(members)} spots <= {edges[k]:g} um"))
+                              label=f"ring {k + 1}: {len(members)} spots <= {edges[k]:g} µm"))
     for size, colour, what in ((spot_um, "black", "spot"), (wide_um, colours(0), "wide")):
         if size:
             ax.add_patch(Rectangle((-size / 2, -size / 2), size, size, fill=False, lw=1.5, color=colour))
-            handles.append(Line2D([], [], ls="-", color=colour, label=f"{what} patch {size:g} um"))
+            handles.append(Line2D([], [], ls="-", color=colour, label=f"{what} patch {size:g} µm"))
     ax.scatter([0], [0], s=50, marker="x", color="black", zorder=4)
     ax.set_xlim(-half, half)
     ax.set_ylim(half, -half)
-    ax.set_xlabel("um")
+    ax.set_xlabel("µm")
     ax.set_title(f"{sample.sample_id} {sample.adata.obs_names[i]}", fontsize=10)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
     return ax.figure

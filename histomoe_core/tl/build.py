@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from histomoe_core.data.sample import Sample, SampleSet
 from histomoe_core.data.targets import make_targets
 
-#: measured spot diameter per technology (um), for scanpy's spot size
+#: measured spot diameter per technology (µm), for scanpy's spot size
 SPOT_DIAMETER_UM = {"ST": 100.0, "Visium": 55.0, "Visium HD": 2.0}
 #: obs columns copied from each sample's metadata when present
 META_OBS = ("organ", "cancer_type", "oncotree_code")
