@@ -31,6 +31,7 @@ import yaml
 from histomoe_core import cache, colab
 from histomoe_core.paths import environ
 from histomoe_core.colab import Repo, add_cells, colab_notebook, launch_source, sync_notebooks
+from histomoe_core.colab_markdown import load_references
 from histomoe_core.book_deps import (PACKAGE, _sha, chapter_imports, code_fingerprint_for,  # noqa: F401 (re-exported)
                                      manifests_for, module_closure, package_root)
 from histomoe_core.errors import HistoMoEError
@@ -227,11 +228,26 @@ def page_notebook(chapter: "Chapter", repo: Repo, notebooks: Mapping | None = No
     return number_cells(add_cells(nb, repo, launch=launch_source(repo, chapter.stem, chapter.number)))
 
 
+def chapter_title(nb) -> str:
+    """The ``# Title`` line that starts a chapter (empty when there is none)."""
+    first = nb.cells[0].source.lstrip() if nb.cells and nb.cells[0].cell_type == "markdown" else ""
+    return first.partition("\n")[0].removeprefix("# ").strip() if first.startswith("# ") else ""
+
+
+def bibliography(root: Path) -> list[Path]:
+    """The book's BibTeX files (``bibtex_bibfiles`` in ``_config.yml``)."""
+    cfg = yaml.safe_load((root / "_config.yml").read_text()) or {}
+    return [root / p for p in cfg.get("bibtex_bibfiles") or [] if (root / p).is_file()]
+
+
 def sync_colab(root: Path, chapters: Sequence["Chapter"], log=print, notebooks: Mapping | None = None) -> list[Path]:
     """Rewrite ``book/notebooks/`` (the notebooks Colab opens) from the chapters; returns the files written."""
     repo = repository(root)
-    return sync_notebooks(root, chapters, [number_cells(colab_notebook(_source_notebook(c, notebooks), repo)) for c in chapters],
-                          log=log)
+    sources = [_source_notebook(c, notebooks) for c in chapters]
+    titles = {c.stem: chapter_title(nb) or c.stem for c, nb in zip(chapters, sources)}
+    references = load_references(bibliography(root))
+    colab_nbs = [number_cells(colab_notebook(nb, repo, titles, references)) for nb in sources]
+    return sync_notebooks(root, chapters, colab_nbs, log=log)
 
 
 def number_cells(nb):
