@@ -408,19 +408,21 @@ class HistoMoE(nn.Module):
                           for s in range(0, len(x), batch_size)])
 
     def features(self, img_emb: Tensor) -> Tensor:
-        return self.input_norm(img_emb)
+        """The fixed input transform (standardise, PCA) the router and experts read."""
+        return self.input_norm(img_emb.float())
 
     # -- forward --
     def forward(self, img_emb: Tensor, meta_emb: Tensor | None = None, context: Tensor | None = None, *,
                 query_group: Tensor | None = None, spatial_emb: Tensor | None = None,
-                retrieval_preds: Tensor | None = None) -> MoEOutput:
+                retrieval_preds: Tensor | None = None, features: Tensor | None = None) -> MoEOutput:
         """``img_emb (B, D)``, ``meta_emb (B, M)`` or ``(M,)``, ``context (B,)`` long labels (for the guided
         loss), ``query_group (B,)`` group ids the retrieval expert must not retrieve from (training),
         ``spatial_emb (B, C)`` spatial-context features for a router that reads them, ``retrieval_preds`` the
-        retrieval experts' output for these spots when already known (:meth:`retrieval_outputs`)."""
+        retrieval experts' output for these spots and ``features`` their input transform (:meth:`features`) when
+        already known: neither depends on a trained parameter, so a trainer computes them once per fit."""
         if img_emb.dim() != 2 or img_emb.shape[1] != self.cfg.in_dim:
             raise ValueError(f"img_emb must be (B, {self.cfg.in_dim}), got {tuple(img_emb.shape)}")
-        x = self.input_norm(img_emb.float())
+        x = self.input_norm(img_emb.float()) if features is None else features
         spatial = None
         if self.spatial_norm is not None and spatial_emb is not None:
             spatial = self.spatial_norm(spatial_emb.float())

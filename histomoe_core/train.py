@@ -135,17 +135,21 @@ def forward(model: nn.Module, t: dict[str, torch.Tensor], idx: torch.Tensor | sl
     group = t["group"][idx] if exclude_group else None
     spatial = None if t.get("spatial") is None else t["spatial"][idx]
     known = t.get("retrieval_train" if exclude_group else "retrieval")
+    feats = t.get("features")
     return model(t["x"][idx], meta, t["context"][idx], query_group=group, spatial_emb=spatial,
-                 retrieval_preds=None if known is None else known[idx])
+                 retrieval_preds=None if known is None else known[idx], features=None if feats is None else feats[idx])
 
 
-def with_retrieval(model: nn.Module, t: dict[str, torch.Tensor], *, train: bool) -> dict[str, torch.Tensor]:
-    """``t`` plus the retrieval experts' fixed output for its spots (training: own group excluded), so an epoch
-    reuses it instead of searching the bank again; unchanged for a model without retrieval experts."""
-    if getattr(model, "retrieval", None) is None:
+@torch.no_grad()
+def with_fixed_inputs(model: nn.Module, t: dict[str, torch.Tensor], *, train: bool) -> dict[str, torch.Tensor]:
+    """``t`` plus what the model computes from its spots without trained parameters: the input transform and the
+    retrieval experts' output (training: own group excluded), so an epoch reuses them instead of recomputing."""
+    if not hasattr(model, "features"):
         return t
-    key = "retrieval_train" if train else "retrieval"
-    return {**t, key: model.retrieval_outputs(t["x"], t["group"] if train else None)}
+    out = {**t, "features": model.features(t["x"])}
+    if getattr(model, "retrieval", None) is not None:
+        out["retrieval_train" if train else "retrieval"] = model.retrieval_outputs(t["x"], t["group"] if train else None)
+    return out
 
 
 @torch.no_grad()
@@ -199,11 +203,11 @@ class _Run:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         # the retrieval expert skips bank spots of the query's own group (patient by default) in training
-        self.t = with_retrieval(self.model, _tensors(train, device, getattr(self.model, "group_by", "patient")),
+        self.t = with_fixed_inputs(self.model, _tensors(train, device, getattr(self.model, "group_by", "patient")),
                                 train=True)
         self.n, self.val = len(train), val
         # scored every epoch: built once
-        self.tv = None if val is None else with_retrieval(self.model, _tensors(val, device), train=False)
+        self.tv = None if val is None else with_fixed_inputs(self.model, _tensors(val, device), train=False)
 
     def epoch(self, cfg: TrainConfig, seed: int, epoch: int, rank: int, world: int, amp: bool, device: torch.device) -> dict:
         self.model.train()

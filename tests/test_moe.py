@@ -245,8 +245,9 @@ def test_several_retrieval_experts_one_per_k():
     assert cfg.retrieval_ks == (1, 3)
 
 
-def test_precomputed_retrieval_outputs_give_the_same_forward():
-    """A trainer passes the retrieval experts' fixed output once per fit; the forward must not change."""
+def test_precomputed_retrieval_outputs_and_features_give_the_same_forward():
+    """A trainer passes the input transform and the retrieval experts' fixed output once per fit; the forward
+    must not change."""
     m = make(pca_dim=4, retrieval_k=(2, 5), top_k=None)
     xtr, group = torch.randn(30, D), torch.arange(30) % 3
     m.fit_input(xtr).set_bank(xtr, torch.randn(30, G), group)
@@ -260,6 +261,9 @@ def test_precomputed_retrieval_outputs_give_the_same_forward():
         torch.manual_seed(3)
         out = m(x, meta, ctx, query_group=q_group if train else None, retrieval_preds=known)
         assert torch.allclose(out.pred, ref.pred) and torch.allclose(out.expert_preds, ref.expert_preds)
+        torch.manual_seed(3)
+        given = m(x, meta, ctx, query_group=q_group if train else None, retrieval_preds=known, features=m.features(x))
+        assert torch.allclose(given.pred, ref.pred)
         moved = m(x, meta, ctx, query_group=q_group if train else None, retrieval_preds=known + 1.0)
         assert torch.allclose(moved.expert_preds[:, -2:], known + 1.0)  # what is passed is what is used
     assert make(retrieval_k=0).retrieval_outputs(x) is None
