@@ -93,8 +93,9 @@ def ridge_solve(basis: tuple, alphas: Sequence[float]):
 
 def mask_groups(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(rows, genes)`` index pairs: the genes measured on exactly the same training rows, for each such pattern."""
-    patterns, inverse = np.unique(np.asarray(mask, bool).T, axis=0, return_inverse=True)
-    return [(np.flatnonzero(p), np.flatnonzero(inverse.ravel() == k)) for k, p in enumerate(patterns)]
+    cols = np.asarray(mask, bool).T
+    _, first, inverse = np.unique(np.packbits(cols, axis=1), axis=0, return_index=True, return_inverse=True)
+    return [(np.flatnonzero(cols[i]), np.flatnonzero(inverse.ravel() == k)) for k, i in enumerate(first)]
 
 
 def masked_ridge_bases(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None) -> list:
