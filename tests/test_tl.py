@@ -199,3 +199,21 @@ def test_spot_adata_and_labels_over_sections(her2st):
     region = tl.region_labels(a, sub)
     assert region.notna().sum() == her2st["A1"].n_spots and pd.isna(region.iloc[-1])
     assert (region[a.obs["sample_id"] == "A1"].value_counts()["cancer in situ"]) == 21
+
+
+def test_ig_convergence_wording_follows_the_measured_trend():
+    import pandas as pd
+    from torch import nn
+
+    from histomoe_core import tl
+
+    conv = pd.DataFrame({"m": [0.2, 0.05], "smooth": [0.2, 0.01], "flat": [0.1, 0.12]}, index=[8, 128])
+    enc = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    kw = dict(retrieval_share=0.3, encoder=enc, min_gap_share=0.02)
+    assert tl.ig_trend(conv["m"]) == "shrinks" and tl.ig_trend(conv["m"][::-1]) == "grows"
+    assert tl.ig_trend(conv["flat"]) == "stays within a factor of two"
+    assert "numerical integral" in tl.ig_convergence(conv, model="m", smooth_model=None, has_retrieval=True, **kw)[1]
+    trend, why = tl.ig_convergence(conv, model="flat", smooth_model="smooth", has_retrieval=True, **kw)
+    assert trend == "stays within a factor of two" and "retrieval experts' jumps (up to 30%" in why
+    _, why = tl.ig_convergence(conv, model="flat", smooth_model="flat", has_retrieval=True, **kw)
+    assert "does not converge either" in why and "ReLU" in why and "2.0%" in why

@@ -213,37 +213,13 @@ glue("conv_first", float(conv[model].iloc[0]), display=False)
 glue("conv_last", float(conv[model].iloc[-1]), display=False)
 glue("conv_smooth_last", float(conv[smooth_model].iloc[-1]) if smooth_model else float("nan"), display=False)
 
-
-def trend(col):
-    first, last = float(conv[col].iloc[0]), float(conv[col].iloc[-1])
-    return "shrinks" if last <= first / 2 else "grows" if last >= 2 * first else "stays within a factor of two"
-
-
 ig0 = gene_results[0]
 gap = np.abs(ig0.output - ig0.baseline_output)
-retr_share = float(np.max(np.abs(attr.retrieval_change(patches, target=gene_name)) / np.maximum(gap, 1e-12)))
-kinked = sorted({type(m).__name__ for m in net.encoder.modules()} & {"ReLU", "ReLU6", "LeakyReLU", "Hardtanh"})
-if trend(model) == "shrinks":
-    reason = "That is what the error of a numerical integral should do."
-elif moe.retrieval is not None and smooth_model and trend(smooth_model) == "shrinks":
-    reason = (f"The model without retrieval does converge, so what stays in the delta of {model} is the retrieval "
-              f"experts' jumps (up to {retr_share:.0%} of the output change, table above), which no number of "
-              "steps removes.")
-elif moe.retrieval is not None and not smooth_model:
-    reason = (f"The retrieval experts' jumps (up to {retr_share:.0%} of the output change, table above) stay in "
-              "the delta whatever the number of steps.")
-else:
-    not_retrieval = ("The model has no retrieval expert" if moe.retrieval is None else
-                     f"The model without retrieval does not converge either ({smooth_model}: the delta "
-                     f"{trend(smooth_model)})")
-    kinks = (f"the kinks of the encoder's piecewise-linear activations ({', '.join(kinked)}), which Captum's "
-             "default Gauss-Legendre rule does not integrate exactly, so more steps need not give a smaller error; "
-             if kinked else "")
-    reason = (f"{not_retrieval}, so the retrieval part does not explain it. This chapter does not separate the "
-              f"remaining causes; candidates are {kinks}and float32 round-off in the sum over all pixels, which "
-              "weighs more when the output change it is divided by is small (down to "
-              f"{float(np.min(gap / np.maximum(np.abs(ig0.output), 1e-12))):.1%} of the output on these patches).")
-glue("conv_trend", trend(model), display=False)
+conv_trend, reason = tl.ig_convergence(
+    conv, model=model, smooth_model=smooth_model, has_retrieval=moe.retrieval is not None,
+    retrieval_share=float(np.max(np.abs(attr.retrieval_change(patches, target=gene_name)) / np.maximum(gap, 1e-12))),
+    encoder=net.encoder, min_gap_share=float(np.min(gap / np.maximum(np.abs(ig0.output), 1e-12))))
+glue("conv_trend", conv_trend, display=False)
 glue("conv_reason", reason, display=False)
 fig = pl.attributions.convergence(deltas, title=f"IG convergence: {gene_name} on {shown}")
 conv

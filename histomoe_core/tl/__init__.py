@@ -15,12 +15,13 @@ EXPORTS: dict[str, str] = {
     **dict.fromkeys(["has_region_labels", "read_region_labels", "region_labels", "true_cell_type"], "labels"),
     **dict.fromkeys(["best_section", "fold_adata", "fold_of", "held_out", "load_run", "open_run", "run_samples"], "run"),
     "predict": "prediction",
+    **dict.fromkeys(["ig_convergence", "ig_trend"], "attribution"),
     **dict.fromkeys(["Agreement", "agreement", "dominant_expert", "expert_contrast", "expert_genes", "expert_usage",
                      "gate_entropy", "routing_agreement", "routing_character", "routing_summary", "usage_table"],
                     "routing"),
     **dict.fromkeys(["read_results", "slot_names", "write_results"], "slots"),
 }
-SUBMODULES = ("build", "labels", "run", "prediction", "routing", "slots")
+SUBMODULES = ("attribution", "build", "labels", "run", "prediction", "routing", "slots")
 
 __all__ = sorted(EXPORTS)
 
