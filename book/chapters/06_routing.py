@@ -285,7 +285,7 @@ fig = pl.genes.prediction_scatter(tl.held_out(gdata), genes, color_by="sample_id
 # a spot for its values and gate weights, or drag a rectangle on the scatter to find those spots on the tissue.
 
 # %%
-pl.interactive.embed(pl.interactive.spot_explorer(gdata, samples[best], ranked.index[:8].tolist()))
+pl.interactive.embed(pl.interactive.spot_explorer(gdata, samples[best], ranked.index.tolist()))
 
 # %% [markdown]
 # ## Figures in this chapter
