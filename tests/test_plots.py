@@ -94,7 +94,7 @@ def test_attribution_overlay():
                         output=np.ones(2), baseline_output=np.zeros(2), delta=None if m == "occlusion" else np.zeros(2))
            for m in ("ig", "occlusion")]
     fig = pl.attributions.attribution_overlay(patches, res, row_labels=["a", "b"])
-    assert len(fig.axes) == 6 and fig.axes[1].get_title() == "Integrated Gradients\ngene G"
+    assert len(fig.axes) == 6 + 4 and fig.axes[1].get_title() == "Integrated Gradients\ngene G"  # + a colour bar per overlay
     with pytest.raises(ValueError, match="do not match"):
         pl.attributions.attribution_overlay(patches[:1], res)
     fig = pl.attributions.convergence({4: np.array([1e-2, 2e-2]), 32: np.array([1e-3, 1e-3])})
