@@ -291,16 +291,66 @@ def _glue_lines(source: str) -> set[int]:
     return lines
 
 
+#: first line of the parameters cell a page shows (the chapter's declarations with this page's values)
+MERGED_HEADER = "# Parameters: the chapter's defaults, with the values this page was executed with"
+
+
+def _assignments(source: str) -> dict[str, tuple[int, int]]:
+    """Top-level ``name = ...`` statements of ``source``: name -> (first, last) 0-based line."""
+    out = {}
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                out[t.id] = (node.lineno - 1, node.end_lineno - 1)
+    return out
+
+
+def merged_parameters(defaults: str, injected: str) -> str:
+    """The chapter's parameters cell (its comments included) with each injected assignment in place of the
+    default: what the page's code ran with, every parameter shown once."""
+    new = _assignments(injected)
+    inj_lines = injected.splitlines()
+    lines = defaults.splitlines()
+    spans = {a: b for a, b in _assignments(defaults).values()}
+    by_start = {start: name for name, (start, _) in _assignments(defaults).items()}
+    out, i = [MERGED_HEADER], 0
+    while i < len(lines):
+        name = by_start.get(i)
+        if name in new:
+            a, b = new[name]
+            out.extend(inj_lines[a:b + 1])
+            i = spans[i] + 1
+            continue
+        out.append(lines[i])
+        i += 1
+    extra = [n for n in new if n not in by_start.values()]
+    for n in extra:  # injected but not declared (papermill injects whatever it is given)
+        a, b = new[n]
+        out.extend(inj_lines[a:b + 1])
+    return "\n".join(out)
+
+
 def page_layout(nb) -> bool:
     """Prepare an executed notebook for its HTML page (idempotent); True when something changed.
 
-    - the chapter's default ``parameters`` cell is removed from the page: papermill's ``injected-parameters``
-      cell right after it shows the values the page was executed with (one parameters cell per page);
+    - one parameters cell per page: papermill's ``injected-parameters`` cell shows the chapter's parameters
+      cell (comments included) with the injected values in place of the defaults (:func:`merged_parameters`),
+      and the chapter's own cell is removed from the page;
     - the Colab install cell (it does nothing outside Colab) is removed instead of shown as an empty toggle;
     - ``glue()`` bookkeeping is taken out of the displayed input: a cell that only glues disappears (its
       outputs, if any, stay), a cell that computes and glues shows the computation only.
     """
     changed = False
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for prev, cell in zip(code, code[1:]):
+        tags, prev_tags = cell.metadata.get("tags", []), prev.metadata.get("tags", [])
+        if "injected-parameters" in tags and "parameters" in prev_tags and not cell.source.startswith(MERGED_HEADER):
+            try:
+                cell.source = merged_parameters(prev.source, cell.source)
+                changed = True
+            except SyntaxError:
+                pass
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue

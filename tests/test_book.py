@@ -198,6 +198,7 @@ def test_page_layout_shows_one_parameters_cell_and_no_glue_bookkeeping():
         cell("%time y = 2"),
     ])
     assert book.page_layout(nb)
+    assert nb.cells[2].source == f'{book.MERGED_HEADER}\nprofile = "smoke"\nseed = 0'  # every parameter, once
     tags = [c.metadata.get("tags", []) for c in nb.cells]
     assert "remove-cell" in tags[0] and "remove-cell" in tags[1] and "remove-cell" not in tags[2]
     assert nb.cells[3].source == "x = 1\nx" and "remove-cell" not in tags[3]
@@ -323,6 +324,9 @@ def check_notebooks_have_no_errors_and_carry_their_parameters(smoke_book, tmp_pa
         assert not errors, f"{c.stem}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
         injected = [cell for cell in nb.cells if "injected-parameters" in cell.metadata.get("tags", [])]
         assert len(injected) == 1 and 'profile = "smoke"' in injected[0].source, c.stem
+        assert set(book.declared_parameters(book.read_chapter(c))) <= set(book.declared_parameters(
+            nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(injected[0].source, metadata={"tags": ["parameters"]})]))), (
+            f"{c.stem}: the page's parameters cell does not show every parameter")
         code = [cell for cell in nb.cells if cell.cell_type == "code"]
         assert "colab" in code[0].metadata.get("tags", []), f"{c.stem}: the Colab cell must be the first code cell"
         assert all(cell.get("execution_count") for cell in code if cell.source.strip()), f"{c.stem}: unexecuted cells"

@@ -57,13 +57,20 @@ def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float 
 
 
 def embedding_pcs(samples: Sequence[Sample], adata: ad.AnnData, *, pcs: Sequence[int] = (0, 1),
-                  size: float = 3.4) -> Figure:
+                  size: float = 2.4) -> Figure:
     """Principal components of each section's own embeddings (``obsm["X_emb"]``) drawn over its H&E.
 
     The PCA is per section, so the maps show what varies *within* the section, not between sections."""
     from histomoe_core.pl.spatial import grid_spot_um, spatial_scatter, thumbnail
 
-    fig, axes = style.subplots(len(pcs), len(samples), figsize=(size * len(samples), size * len(pcs)), squeeze=False)
+    # sections side by side (as many as fit the column, with their colour bars), one row per PC; more sections wrap
+    ncols = min(len(samples), style.max_columns(size + 0.7))
+    blocks = -(-len(samples) // ncols)
+    fig, grid = style.subplots(len(pcs) * blocks, ncols, figsize=((size + 0.7) * ncols, (size + 0.4) * len(pcs) * blocks),
+                               squeeze=False)
+    for ax in grid.flat:
+        ax.set_axis_off()
+    axes = {(r, c): grid[(c // ncols) * len(pcs) + r, c % ncols] for r in range(len(pcs)) for c in range(len(samples))}
     section = adata.obs["section"].astype(str).to_numpy()
     for c, s in enumerate(samples):
         m = section == s.sample_id
@@ -80,7 +87,8 @@ def embedding_pcs(samples: Sequence[Sample], adata: ad.AnnData, *, pcs: Sequence
             lo, hi = np.nanpercentile(full, [2, 98])
             spatial_scatter(s, full, ax=axes[r, c], image=image, spot_um=grid_spot_um(s), vmin=lo, vmax=hi,
                             cmap="coolwarm", colorbar=True, image_alpha=0.5,
-                            title=f"{s.sample_id}: PC{k + 1} ({share[k]:.0%} of variance)")
+                            title=f"{s.sample_id}\nPC{k + 1} ({share[k]:.0%} of variance)")
+            axes[r, c].title.set_fontsize(9)
     fig.tight_layout()
     return fig
 

@@ -163,7 +163,7 @@ def _gate_tooltips(experts: Sequence[str]) -> list[alt.Tooltip]:
 
 def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, key: str = "histomoe",
                   measured: str = "target", labels: str | None = None, image: tuple[np.ndarray, float] | None = None,
-                  width: int = 330) -> alt.VConcatChart:
+                  width: int = 250) -> alt.VConcatChart:
     """Spots over the H&E coloured by a gene chosen in a drop-down (every gene of ``genes``, listed
     alphabetically, the first one shown; measured or predicted, radio buttons);
     hover a spot for its gene values, dominant expert and gate weights; drag on the scatter of predicted vs
@@ -210,7 +210,7 @@ def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, ke
                                              legend=alt.Legend(orient="bottom", direction="horizontal")),
                             alt.value("lightgrey")),
         tooltip=tips,
-    ).add_params(brush).properties(width=240, height=240, title="drag to select spots")
+    ).add_params(brush).properties(width=200, height=220, title="drag to select spots")
     bars = _gate_bars(df, experts, hover)
     return alt.vconcat(alt.hconcat(spatial, scatter), bars).add_params(gene, show).resolve_scale(color="independent")
 
