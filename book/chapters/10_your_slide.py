@@ -214,7 +214,8 @@ rc = histomoe(["predict", str(sample.image_path), "--model", str(bundle.path), "
                "--spots", str(work / "outs"), "--name", section, "--out", str(work / "pred"), "--no-progress",
                "--genes", *shown, "--meta", *(f"{k}={v}" for k, v in meta.items())])
 adata = sc.read_h5ad(work / "pred" / H5AD)
-sc.pl.spatial(adata, color=shown[:1] + ["uncertainty"], library_id=section, size=1.2, show=False)
+with plt.rc_context({"figure.figsize": (3.4, 3.0)}):  # scanpy sizes each panel from rcParams: two fit the column
+    sc.pl.spatial(adata, color=shown[:1] + ["uncertainty"], library_id=section, size=1.2, show=False)
 pd.Series({"exit code": rc, "written": ", ".join(sorted(p.name for p in (work / "pred").iterdir())),
            "maps": ", ".join(sorted(p.name for p in (work / "pred" / MAPS).iterdir())),
            "AnnData": f"{adata.n_obs} spots x {adata.n_vars} genes; obsm: {', '.join(adata.obsm)}"}).to_frame("value")
