@@ -20,8 +20,8 @@ from histomoe_core.errors import HistoMoEError
 from histomoe_core.paths import environ
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["_config.yml", "_toc.yml", "book/intro.md", "book/glossary.md", "book/references.bib", "book/chapters",
-           "book/configs", "book/notebooks"]
+SOURCES = ["_config.yml", "_toc.yml", "_static", "book/intro.md", "book/glossary.md", "book/references.bib",
+           "book/chapters", "book/configs", "book/notebooks"]
 #: a tag that loads a script, stylesheet, image or frame from another host
 REMOTE = re.compile(r"<(?:script|link|img|iframe|source|embed)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", re.I)
 CSS_REMOTE = re.compile(r"@import\s+(?:url\()?\s*[\"']?(?:https?:)?//", re.I)
@@ -186,6 +186,26 @@ def test_failed_chapter_is_named_not_cached_and_others_still_run(tmp_path):
     assert nb.cells[-1].outputs[0]["text"].strip() == "1"
 
 
+def test_page_layout_shows_one_parameters_cell_and_no_glue_bookkeeping():
+    cell = nbformat.v4.new_code_cell
+    nb = nbformat.v4.new_notebook(cells=[
+        cell("install()", metadata={"tags": ["colab", "hide-input"]}),
+        cell('profile = "x"\nseed = 0', metadata={"tags": ["parameters"]}),
+        cell('profile = "smoke"\n', metadata={"tags": ["injected-parameters"]}),
+        cell("from myst_nb import glue\n\nx = 1\nglue('x', x, display=False)\nglue(\n    'y',\n    2,\n)\nx"),
+        cell("glue('z', 3, display=False)\n# only bookkeeping"),
+        cell("glue('shown', fig)", outputs=[nbformat.v4.new_output("display_data", {"text/plain": "fig"})]),
+        cell("%time y = 2"),
+    ])
+    assert book.page_layout(nb)
+    assert nb.cells[2].source == f'{book.MERGED_HEADER}\nprofile = "smoke"\nseed = 0'  # every parameter, once
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    assert "remove-cell" in tags[0] and "remove-cell" in tags[1] and "remove-cell" not in tags[2]
+    assert nb.cells[3].source == "x = 1\nx" and "remove-cell" not in tags[3]
+    assert "remove-cell" in tags[4] and tags[5] == ["remove-input"] and nb.cells[6].source == "%time y = 2"
+    assert not book.page_layout(nb), "page_layout must be idempotent"
+
+
 def test_colab_cell_installs_only_on_colab():
     src = colab.install_source("https://github.com/example/fork")
     assert 'if "google.colab" in sys.modules:' in src and "https://github.com/example/fork" in src
@@ -238,7 +258,8 @@ def test_smoke_book(tmp_path):
     info = build_smoke_book(tmp_path / "smoke")
     checks = [check_every_chapter_executed, check_every_chapter_page_exists, check_pages_load_nothing_from_the_internet,
               check_chapter_pages_show_figures, check_notebooks_have_no_errors_and_carry_their_parameters,
-              check_notebooks_show_no_paths_of_this_machine, check_rebuild_reuses_cache_and_reruns_one_chapter]
+              check_notebooks_show_no_paths_of_this_machine, check_figures_fit_the_text_column,
+              check_pages_show_one_parameters_cell_and_no_glue, check_rebuild_reuses_cache_and_reruns_one_chapter]
     problems = []
     for check in checks:
         try:
@@ -304,6 +325,9 @@ def check_notebooks_have_no_errors_and_carry_their_parameters(smoke_book, tmp_pa
         assert not errors, f"{c.stem}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
         injected = [cell for cell in nb.cells if "injected-parameters" in cell.metadata.get("tags", [])]
         assert len(injected) == 1 and 'profile = "smoke"' in injected[0].source, c.stem
+        assert set(book.declared_parameters(book.read_chapter(c))) <= set(book.declared_parameters(
+            nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(injected[0].source, metadata={"tags": ["parameters"]})]))), (
+            f"{c.stem}: the page's parameters cell does not show every parameter")
         code = [cell for cell in nb.cells if cell.cell_type == "code"]
         assert "colab" in code[0].metadata.get("tags", []), f"{c.stem}: the Colab cell must be the first code cell"
         assert all(cell.get("execution_count") for cell in code if cell.source.strip()), f"{c.stem}: unexecuted cells"
@@ -321,6 +345,36 @@ def check_notebooks_show_no_paths_of_this_machine(smoke_book, tmp_path):
                 text = json.dumps(out.get("text", "")) + json.dumps(out.get("data", {}).get("text/plain", ""))
                 hits = [p for p in local if p in text]
                 assert not hits, f"{c.stem} cell {i} prints a local path {hits[0]!r}: {text[:300]}"
+
+
+def check_figures_fit_the_text_column(smoke_book, tmp_path):
+    """Every figure of a chapter page shows at >= 70 % of its size in the text column (histomoe_core.pl.style)."""
+    from PIL import Image
+
+    from histomoe_core.pl import style
+
+    html_dir = smoke_book["html"]
+    wide = []
+    for c in CHAPTERS:
+        page = html_dir / book.EXECUTED_DIR / f"{c.stem}.html"
+        for src in re.findall(r'<img\b[^>]*\bsrc="([^"]*_images/[^"]+\.png)"', page.read_text()):
+            with Image.open((page.parent / src).resolve()) as im:
+                if im.width > style.MAX_PX:
+                    wide.append(f"{c.stem}: {src.rsplit('/', 1)[-1]} {im.width} px "
+                                f"(shown at {style.COLUMN_PX / im.width:.0%})")
+    assert not wide, f"figures wider than {style.MAX_PX} px:\n" + "\n".join(wide)
+
+
+def check_pages_show_one_parameters_cell_and_no_glue(smoke_book, tmp_path):
+    """The page shows papermill's injected parameters only, no Colab toggle, and no glue() lines in code."""
+    html_dir = smoke_book["html"]
+    for c in CHAPTERS:
+        text = (html_dir / book.EXECUTED_DIR / f"{c.stem}.html").read_text()
+        assert text.count("tag_parameters") == 0 and text.count("tag_injected-parameters") == 1, c.stem
+        assert "tag_colab " not in text and 'tag_colab"' not in text, f"{c.stem}: the Colab cell is shown"
+        code = " ".join(re.findall(r'<div class="cell_input.*?</pre>', text, flags=re.S))
+        assert not re.search(r"\bglue</span><span class=\"p\">\(", code), f"{c.stem}: glue() shown in code"
+        assert "histomoe.css" in text, f"{c.stem}: the book's stylesheet is not linked"
 
 
 def key_changes(home_dir: Path, runs) -> list[str]:

@@ -94,7 +94,7 @@ def test_attribution_overlay():
                         output=np.ones(2), baseline_output=np.zeros(2), delta=None if m == "occlusion" else np.zeros(2))
            for m in ("ig", "occlusion")]
     fig = pl.attributions.attribution_overlay(patches, res, row_labels=["a", "b"])
-    assert len(fig.axes) == 6 and fig.axes[1].get_title() == "Integrated Gradients\ngene G"
+    assert len(fig.axes) == 6 + 4 and fig.axes[1].get_title() == "Integrated Gradients\ngene G"  # + a colour bar per overlay
     with pytest.raises(ValueError, match="do not match"):
         pl.attributions.attribution_overlay(patches[:1], res)
     fig = pl.attributions.convergence({4: np.array([1e-2, 2e-2]), 32: np.array([1e-3, 1e-3])})
@@ -109,6 +109,8 @@ def _has_remote_script(html: str) -> bool:
 def test_interactive_charts_are_offline(section, results):
     chart = pl.interactive.spot_explorer(results, section, GENES[:2], labels="half")
     spec = chart.to_dict()
+    select = next(p for p in spec["params"] if p["name"] == "gene")["bind"]
+    assert sorted(select["labels"]) == sorted(GENES[:2]) and len(select["options"]) == 2  # every gene given
     names = {p["name"] for p in spec.get("params", [])} | {
         p["name"] for c in spec["vconcat"][0]["hconcat"] for layer in c.get("layer", [c]) for p in layer.get("params", [])}
     assert {"gene", "show", "hover", "brush"} <= names
@@ -116,8 +118,18 @@ def test_interactive_charts_are_offline(section, results):
     assert not _has_remote_script(html) and "vega-lite" in html and "data:image/jpeg;base64," in html
     cdn_page = chart.to_html()  # Altair's default page loads vega from a CDN: the guard must catch it
     assert _has_remote_script(cdn_page) and pl.interactive._REMOTE.search(cdn_page)
-    shown = pl.interactive.embed(pl.interactive.routing_explorer(results, section, labels="half"))
-    assert shown.data.startswith("<iframe srcdoc=") and not _has_remote_script(shown.data)
+    routing = pl.interactive.routing_explorer(results, section, labels="half")
+    shown = pl.interactive.embed(routing)
+    assert '<iframe srcdoc=' in shown.data and not _has_remote_script(shown.data)
+    # the frame is sized to the chart (legends, titles and the two widgets included), not a fixed box
+    w, h = pl.interactive.frame_size(chart)
+    assert f"width:{w}px;height:{h}px" in pl.interactive.embed(chart).data
+    import vl_convert
+
+    svg_w, svg_h = map(float, re.search(r'width="([\d.]+)" height="([\d.]+)"',
+                                        vl_convert.vegalite_to_svg(chart.to_json())).groups())
+    assert w >= svg_w and h >= svg_h + 2 * pl.interactive.BINDING_PX, (w, h, svg_w, svg_h)
+    assert pl.interactive.frame_size(routing)[1] < h  # no widgets under the routing explorer
     svg = pl.interactive.embed(chart, mode="svg")
     assert svg.data.lstrip().startswith("<svg")
 

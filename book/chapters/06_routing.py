@@ -170,9 +170,12 @@ adata
 # {glue:text}`shown` in scanpy's `uns["spatial"]` layout. scanpy and squidpy read it like any spatial AnnData:
 
 # %%
+import matplotlib.pyplot as plt
+
 gene0 = adata.uns["histomoe"]["genes"][0]
-sc.pl.spatial(adata[adata.obs["sample_id"] == shown].copy(), library_id=shown, color=[gene0, "histomoe_expert"],
-              layer="histomoe", title=[f"{gene0}: predicted", "dominant expert"], ncols=2)
+with plt.rc_context({"figure.figsize": (3.4, 3.0)}):  # scanpy sizes each panel from rcParams: two fit the column
+    sc.pl.spatial(adata[adata.obs["sample_id"] == shown].copy(), library_id=shown, color=[gene0, "histomoe_expert"],
+                  layer="histomoe", title=[f"{gene0}: predicted", "dominant expert"], ncols=2)
 
 # %% [markdown]
 # ### Expert usage per section and gate entropy
@@ -312,7 +315,7 @@ fig = pl.genes.prediction_scatter(ho, genes, color_by="sample_id")
 # a spot for its values and gate weights, or drag a rectangle on the scatter to find those spots on the tissue.
 
 # %%
-pl.interactive.embed(pl.interactive.spot_explorer(gdata, samples[best], ranked.index[:8].tolist()))
+pl.interactive.embed(pl.interactive.spot_explorer(gdata, samples[best], ranked.index.tolist()))
 
 # %% [markdown]
 # ## Figures in this chapter

@@ -88,7 +88,11 @@ glue("n_variants", len(table), display=False)
 glue("abl_n_folds", int(summary["n_folds"].max()), display=False)
 glue("abl_n_seeds", int(summary["n_seeds"].max()), display=False)
 glue("abl_ref", ref, display=False)
-table.sort_values(["group", "HEST metric"], ascending=[True, False]).round(3)
+# the reference rows first, then each group's variants best first; the numbers before the long "change" text
+refs_first = table.assign(not_ref=~table.index.isin(ablation_references(dataset)))
+refs_first = refs_first.sort_values(["not_ref", "group", "HEST metric"], ascending=[True, True, False])
+refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section", "sd folds", "sd seeds",
+            "group", "change"]].round(3)
 
 # %% [markdown]
 # {glue:text}`n_variants` models, {glue:text}`abl_n_folds` folds, {glue:text}`abl_n_seeds` seeds;

@@ -130,7 +130,7 @@ glue("grid_spots", f"{g.n_obs}", display=False)
 glue("grid_r", f"{map_correlation(y[covered], smooth[covered]):.3f}", display=False)
 img = thumbnail(sample)
 shown = r_gene.index[:n_maps].tolist()
-fig, axes = plt.subplots(len(shown), 2, figsize=(9, 4.2 * len(shown)), squeeze=False)
+fig, axes = plt.subplots(len(shown), 2, figsize=(8.4, 3.9 * len(shown)), squeeze=False)
 for row, gene in zip(axes, shown):
     i = bundle.genes.index(gene)
     vmin, vmax = np.percentile(np.concatenate([y[:, i], g.X[:, i]]), [2, 98])
@@ -146,7 +146,7 @@ fig.tight_layout()
 # **uncertainty**: how much the experts disagree (the gate-weighted spread of their predictions).
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8))
 if "histomoe_expert" in g.obs:
     spatial_scatter(grid_sample, g.obs["histomoe_expert"], ax=axes[0], image=img, categorical=True,
                     spot_um=man["patch"]["size_um"], title="dominant expert")
@@ -214,7 +214,8 @@ rc = histomoe(["predict", str(sample.image_path), "--model", str(bundle.path), "
                "--spots", str(work / "outs"), "--name", section, "--out", str(work / "pred"), "--no-progress",
                "--genes", *shown, "--meta", *(f"{k}={v}" for k, v in meta.items())])
 adata = sc.read_h5ad(work / "pred" / H5AD)
-sc.pl.spatial(adata, color=shown[:1] + ["uncertainty"], library_id=section, size=1.2, show=False)
+with plt.rc_context({"figure.figsize": (3.4, 3.0)}):  # scanpy sizes each panel from rcParams: two fit the column
+    sc.pl.spatial(adata, color=shown[:1] + ["uncertainty"], library_id=section, size=1.2, show=False)
 pd.Series({"exit code": rc, "written": ", ".join(sorted(p.name for p in (work / "pred").iterdir())),
            "maps": ", ".join(sorted(p.name for p in (work / "pred" / MAPS).iterdir())),
            "AnnData": f"{adata.n_obs} spots x {adata.n_vars} genes; obsm: {', '.join(adata.obsm)}"}).to_frame("value")

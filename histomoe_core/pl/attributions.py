@@ -9,6 +9,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from scipy.ndimage import gaussian_filter
 
+from histomoe_core.pl import style
 from histomoe_core.interpret import METHOD_NAMES, Attributions
 
 
@@ -47,7 +48,7 @@ def attribution_overlay(
         if r.values.shape[0] != n:
             raise ValueError(f"attributions of shape {r.values.shape} do not match patches {patches.shape}")
     ncols = 1 + len(results)
-    fig, axes = plt.subplots(n, ncols, figsize=(2.6 * ncols, 2.6 * n + 0.4), constrained_layout=True, squeeze=False)
+    fig, axes = style.subplots(n, ncols, figsize=(2.9 * ncols, 2.6 * n + 0.4), constrained_layout=True, squeeze=False)
     grey = patches.astype(float).mean(axis=3) / 255.0
     for i in range(n):
         axes[i, 0].imshow(patches[i])
@@ -60,6 +61,11 @@ def attribution_overlay(
             rgba = plt.get_cmap("RdBu_r")(TwoSlopeNorm(0.0, -lim, lim)(np.clip(h, -lim, lim)))
             rgba[..., 3] = alpha * np.clip(np.abs(h) / lim, 0, 1) ** 0.7  # strong attributions opaque, weak ones clear
             ax.imshow(rgba)
+            cb = fig.colorbar(plt.cm.ScalarMappable(TwoSlopeNorm(0.0, -lim, lim), "RdBu_r"), ax=ax, fraction=0.046,
+                              pad=0.02, ticks=[-lim, 0, lim], format="%.1e")
+            cb.ax.tick_params(labelsize=6)
+            if j == len(results):
+                cb.set_label("attribution (clear: weak)", fontsize=7)
             label = f"out {r.output[i]:.2f} (base {r.baseline_output[i]:.2f})"
             if r.delta is not None:
                 label += f"\ndelta {r.delta[i]:+.1e}"
@@ -80,7 +86,7 @@ def convergence(deltas: dict, *, title: str = "Integrated Gradients convergence"
     ``deltas`` maps steps -> per-patch relative deltas, or label -> (steps -> deltas) to compare several models.
     """
     series = deltas if all(isinstance(v, dict) for v in deltas.values()) else {"": deltas}
-    fig, ax = plt.subplots(figsize=(4.6, 3.2), constrained_layout=True)
+    fig, ax = style.subplots(figsize=(4.6, 3.2), constrained_layout=True)
     colors = plt.get_cmap("tab10")
     for i, (label, d) in enumerate(series.items()):
         steps = sorted(d)

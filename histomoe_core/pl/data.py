@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from histomoe_core.pl import style
 from histomoe_core.data.patches import PatchSpec, iter_patches, patch_qc
 from histomoe_core.data.sample import Sample, SampleSet, total_counts
 from histomoe_core.data.targets import TARGET_KINDS, make_targets
@@ -90,9 +91,9 @@ def library_confounding(samples: SampleSet | Sequence[Sample], genes: Sequence[s
 
 
 def _grid(n: int, ncols: int, size: float) -> tuple[plt.Figure, np.ndarray]:
-    ncols = max(1, min(ncols, n))
+    ncols = max(1, min(ncols, n, style.max_columns(size)))
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    fig, axes = style.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_axis_off()
     return fig, axes.ravel()
@@ -113,7 +114,7 @@ def spot_qc_distributions(qc: pd.DataFrame) -> plt.Figure:
     secs = list(qc["section"].cat.categories) if hasattr(qc["section"], "cat") else list(pd.unique(qc["section"]))
     patients = sorted(qc["patient"].unique())
     colours = category_palette(patients)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = style.subplots(1, 2, figsize=(11, 3.6))
     for ax, col, label, log in ((axes[0], "total_counts", "counts per spot", True), (axes[1], "n_genes", "genes per spot", False)):
         data = [qc.loc[qc["section"] == s, col].to_numpy() for s in secs]
         box = ax.boxplot(data, patch_artist=True, showfliers=False, widths=0.6)
@@ -138,7 +139,7 @@ def patch_qc_map(sample: Sample, qc: pd.DataFrame, *, ax: plt.Axes | None = None
     rows = qc.loc[qc["section"] == sample.sample_id] if "section" in qc else qc
     status = rows.loc[sample.adata.obs_names, "status"]
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 5.5))
+        _, ax = style.subplots(figsize=(6.5, 5.5))
     return spatial_scatter(sample, status, ax=ax, categorical=True, palette=QC_COLOURS, spot_um=spot_um,
                            image=thumbnail(sample), title=f"{sample.sample_id}: patch QC")
 
@@ -156,7 +157,7 @@ def example_patches(
     images = {}
     for idx, batch in iter_patches(sample, spec, indices=wanted):
         images.update(zip(idx.tolist(), batch))
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    fig, axes = style.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
     for r, (label, idx) in enumerate(picks.items()):
         for c in range(n):
             ax = axes[r, c]
@@ -175,7 +176,7 @@ def gene_panel(panel: pd.DataFrame, *, top: int | None = None) -> plt.Figure:
     """Bars of the panel genes' selection score (HEST rule: normalised dispersion; variance rule: target variance),
     coloured by the lowest expressed fraction over sections."""
     p = panel if top is None else panel.iloc[:top]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(p)), 3.4))
+    fig, ax = style.subplots(figsize=(min(style.MAX_WIDTH_IN, max(6.0, 0.22 * len(p))), 3.4))
     colours = plt.get_cmap("viridis")(p["min_expressed_frac"].to_numpy())
     ax.bar(range(len(p)), p["score"].to_numpy(), color=colours)
     ax.set_xticks(range(len(p)), p.index, rotation=90, fontsize=7)
@@ -201,7 +202,7 @@ def target_kinds(
             firsts.setdefault(s.patient, s.sample_id)
         sections = list(firsts.values())[:4]
     chosen = [s for s in samples if s.sample_id in sections]
-    fig, axes = plt.subplots(len(TARGET_KINDS), len(chosen), figsize=(4.2 * len(chosen), 4.0 * len(TARGET_KINDS)), squeeze=False)
+    fig, axes = style.subplots(len(TARGET_KINDS), len(chosen), figsize=(4.2 * len(chosen), 4.0 * len(TARGET_KINDS)), squeeze=False)
     for r, kind in enumerate(TARGET_KINDS):
         vals = [make_targets(s.adata, [gene], kind=kind)[:, 0] for s in chosen]
         lo, hi = float(min(v.min() for v in vals)), float(max(v.max() for v in vals))
@@ -217,7 +218,7 @@ def library_confounding_plot(table: pd.DataFrame) -> plt.Figure:
     """Per-gene correlation with library size for each target kind (one dot per gene, lines pair a gene)."""
     kinds = [k for k in TARGET_KINDS if k in set(table["kind"])]
     wide = table.pivot(index="gene", columns="kind", values="r_library")[kinds]
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    fig, ax = style.subplots(figsize=(4.2, 3.6))
     for _, row in wide.iterrows():
         ax.plot(range(len(kinds)), row.to_numpy(), color="grey", alpha=0.3, linewidth=0.7)
     for i, k in enumerate(kinds):

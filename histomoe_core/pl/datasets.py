@@ -7,6 +7,7 @@ from typing import Mapping
 import matplotlib.pyplot as plt
 import numpy as np
 
+from histomoe_core.pl import style
 from histomoe_core.data.patches import PatchSpec, iter_patches
 from histomoe_core.data.sample import Sample, SampleSet
 from histomoe_core.data.summary import context_of
@@ -25,8 +26,9 @@ def section_grid(datasets: Mapping[str, SampleSet], *, ncols: int = 6, size: flo
     """Every section's H&E thumbnail with its spots at their physical size; the title gives dataset, section,
     spots, µm/px and the source pixels across a ``spec.size_um`` patch."""
     items = _all(datasets)
+    ncols = max(1, min(ncols, len(items), style.max_columns(size)))
     nrows = int(np.ceil(len(items) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 1.15 * nrows), squeeze=False)
+    fig, axes = style.subplots(nrows, ncols, figsize=(size * ncols, size * 1.15 * nrows), squeeze=False)
     for ax in axes.ravel()[len(items):]:
         ax.set_axis_off()
     for (name, s), ax in zip(items, axes.ravel()):
@@ -48,7 +50,7 @@ def context_montage(datasets: Mapping[str, SampleSet], *, n: int = 8, spec: Patc
         if c not in first or s.pixel_size_um < first[c].pixel_size_um:
             first[c] = s
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(first), n, figsize=(1.1 * n + 2.6, 1.15 * len(first)), squeeze=False)
+    fig, axes = style.subplots(len(first), n, figsize=(1.1 * n + 2.6, 1.15 * len(first)), squeeze=False)
     for row, (context, s) in zip(axes, first.items()):
         idx = np.sort(rng.choice(s.n_spots, size=min(n, s.n_spots), replace=False))
         patches = np.concatenate([b for _, b in iter_patches(s, spec, indices=idx)])

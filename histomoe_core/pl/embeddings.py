@@ -9,17 +9,23 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from histomoe_core.pl import style
 from histomoe_core.data.sample import Sample
 from histomoe_core.pl.spatial import category_palette
 
 
-def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float = 3.6, point: float = 6.0,
+def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float = 3.0, point: float = 6.0,
          title: str | None = None) -> Figure:
     """One panel per ``obs`` column in ``color`` over ``obsm["X_umap"]`` (categories get a legend, numbers a colour bar)."""
     if "X_umap" not in adata.obsm:
         raise ValueError("no obsm['X_umap']; run histomoe_core.embed_eval.umap(adata) first")
     xy = adata.obsm["X_umap"]
-    fig, axes = plt.subplots(1, len(color), figsize=(size * len(color) + 1.2 * len(color), size), squeeze=False)
+    ncols = min(len(color), style.max_columns(size + 1.5))  # panels wrap to the text column (legend right of each)
+    nrows = -(-len(color) // ncols)
+    fig, grid = style.subplots(nrows, ncols, figsize=((size + 1.5) * ncols, (size + 0.3) * nrows), squeeze=False)
+    for ax in grid.flat[len(color):]:
+        ax.set_axis_off()
+    axes = grid.reshape(1, -1)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(xy))  # no group is drawn entirely on top
     for ax, key in zip(axes[0], color):
@@ -31,7 +37,8 @@ def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float 
             ax.scatter(xy[order, 0], xy[order, 1], c=[colours[c] for c in codes[order]], s=point, linewidths=0)
             for c, colour in zip(cats, colours):
                 ax.scatter([], [], color=colour, label=str(c), s=20)
-            ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.2)
+            ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.2,
+                      ncols=1 if len(cats) <= 12 else 2, columnspacing=0.6, handletextpad=0.2)
         else:
             vals = v.to_numpy(float)
             lo, hi = np.nanpercentile(vals, [1, 99])
@@ -50,13 +57,20 @@ def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float 
 
 
 def embedding_pcs(samples: Sequence[Sample], adata: ad.AnnData, *, pcs: Sequence[int] = (0, 1),
-                  size: float = 3.4) -> Figure:
+                  size: float = 2.4) -> Figure:
     """Principal components of each section's own embeddings (``obsm["X_emb"]``) drawn over its H&E.
 
     The PCA is per section, so the maps show what varies *within* the section, not between sections."""
     from histomoe_core.pl.spatial import grid_spot_um, spatial_scatter, thumbnail
 
-    fig, axes = plt.subplots(len(pcs), len(samples), figsize=(size * len(samples), size * len(pcs)), squeeze=False)
+    # sections side by side (as many as fit the column, with their colour bars), one row per PC; more sections wrap
+    ncols = min(len(samples), style.max_columns(size + 0.7))
+    blocks = -(-len(samples) // ncols)
+    fig, grid = style.subplots(len(pcs) * blocks, ncols, figsize=((size + 0.7) * ncols, (size + 0.4) * len(pcs) * blocks),
+                               squeeze=False)
+    for ax in grid.flat:
+        ax.set_axis_off()
+    axes = {(r, c): grid[(c // ncols) * len(pcs) + r, c % ncols] for r in range(len(pcs)) for c in range(len(samples))}
     section = adata.obs["section"].astype(str).to_numpy()
     for c, s in enumerate(samples):
         m = section == s.sample_id
@@ -72,8 +86,9 @@ def embedding_pcs(samples: Sequence[Sample], adata: ad.AnnData, *, pcs: Sequence
             full[rows] = u[:, k] * sv[k]
             lo, hi = np.nanpercentile(full, [2, 98])
             spatial_scatter(s, full, ax=axes[r, c], image=image, spot_um=grid_spot_um(s), vmin=lo, vmax=hi,
-                            cmap="coolwarm", colorbar=False, image_alpha=0.5,
-                            title=f"{s.sample_id}: PC{k + 1} ({share[k]:.0%} of variance)")
+                            cmap="coolwarm", colorbar=True, image_alpha=0.5,
+                            title=f"{s.sample_id}\nPC{k + 1} ({share[k]:.0%} of variance)")
+            axes[r, c].title.set_fontsize(9)
     fig.tight_layout()
     return fig
 
@@ -82,7 +97,7 @@ def encoder_comparison(results: pd.DataFrame, *, metric: str = "pearson", size: 
     """Per target kind: the mean ``metric`` over folds per encoder (bar) with each fold (dot)."""
     kinds = list(pd.unique(results["target"]))
     encoders = list(pd.unique(results["encoder"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(size * len(kinds), size), squeeze=False, sharey=True)
+    fig, axes = style.subplots(1, len(kinds), figsize=(size * len(kinds), size), squeeze=False, sharey=True)
     colors = {e: ("tab:blue" if bool(results.loc[results["encoder"] == e, "pretrained"].iloc[0]) else "tab:gray")
               for e in encoders}
     for ax, kind in zip(axes[0], kinds):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from histomoe_core.pl import style
 from histomoe_core.data.sample import Sample
 from histomoe_core.pl.routing import map_style
 from histomoe_core.evaluate import pearson_columns
@@ -46,7 +47,7 @@ def measured_vs_predicted(adata: ad.AnnData, sample: Sample, genes: Sequence[str
     """
     rows = section_index(adata, sample)
     image = image or thumbnail(sample)
-    fig, axes = plt.subplots(len(genes), 2, figsize=(8.6, 3.9 * len(genes)), constrained_layout=True, squeeze=False)
+    fig, axes = style.subplots(len(genes), 2, figsize=(8.6, 3.9 * len(genes)), constrained_layout=True, squeeze=False)
     for (ax_m, ax_p), g in zip(axes, genes):
         y, p = gene_values(adata, g, measured)[rows], gene_values(adata, g, key)[rows]
         vm, vp = _range(y), _range(p)
@@ -80,7 +81,7 @@ def gene_pearson(per_gene: pd.DataFrame, *, models: Sequence[str] | None = None,
     order = table[sort_by or models[0]].sort_values(ascending=False)
     chosen = list(genes) if genes is not None else list(order.index[:n_genes])
     table = table.loc[chosen]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(chosen) * max(1, len(models) / 2)), 3.6), constrained_layout=True)
+    fig, ax = style.subplots(figsize=(min(style.MAX_WIDTH_IN, max(6.0, 0.45 * len(chosen) * max(1, len(models) / 2))), 3.8), constrained_layout=True)
     width = 0.8 / len(models)
     x = np.arange(len(chosen))
     colors = plt.get_cmap("tab10")
@@ -99,7 +100,7 @@ def prediction_scatter(adata: ad.AnnData, genes: Sequence[str], *, key: str = "h
     """Predicted vs measured expression per spot for each gene, coloured by ``obs[color_by]``, with Pearson r."""
     ncols = min(ncols, len(genes))
     nrows = int(np.ceil(len(genes) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), constrained_layout=True, squeeze=False)
+    fig, axes = style.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), constrained_layout=True, squeeze=False)
     groups = adata.obs[color_by].astype(str).to_numpy() if color_by else np.full(adata.n_obs, "")
     colors = category_palette(sorted(set(groups)))
     for ax, g in zip(axes.flat, genes):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html as html_lib
 import io
+import json
 import re
 import warnings
 from typing import Literal, Sequence
@@ -53,9 +54,43 @@ def _chart_height(chart: alt.TopLevelMixin) -> int:
     return int(h(spec)) + 100  # titles, axis labels, legends and bound widgets
 
 
+#: px that vega-embed's page adds around the chart: body margins, the "..." actions button on the right
+FRAME_PAD_W, FRAME_PAD_H = 60, 24
+#: px per widget (drop-down, radio buttons) that vega-embed puts under the chart
+BINDING_PX = 34
+
+
+def _bindings(spec: dict) -> int:
+    """Widgets bound to parameters anywhere in the spec (a legend binding adds none)."""
+    found = 0
+    for p in spec.get("params", []):
+        found += isinstance(p.get("bind"), dict)
+    for k in ("vconcat", "hconcat", "layer", "concat"):
+        found += sum(_bindings(c) for c in spec.get(k, []))
+    return found
+
+
+def frame_size(chart: alt.TopLevelMixin) -> tuple[int, int] | None:
+    """Pixel size of the frame that shows ``chart`` whole: the chart as vega renders it (legends and titles
+    included, measured on a static SVG rendering) plus its widgets and vega-embed's margins; None when it
+    cannot be rendered here."""
+    try:
+        import vl_convert as vlc
+
+        svg = vlc.vegalite_to_svg(chart.to_json())
+    except Exception:  # noqa: BLE001 (sizing is best effort; the caller falls back to an estimate)
+        return None
+    m = re.search(r'<svg[^>]*\bwidth="([\d.]+)"[^>]*\bheight="([\d.]+)"', svg)
+    if not m:
+        return None
+    w, h = float(m.group(1)), float(m.group(2))
+    return int(w) + FRAME_PAD_W, int(h) + FRAME_PAD_H + BINDING_PX * _bindings(chart.to_dict())
+
+
 def embed(chart: alt.TopLevelMixin, *, mode: Literal["html", "svg"] = "html", height: int | None = None):
-    """Display object for a notebook: ``html`` keeps the chart interactive (iframe with vega inlined),
-    ``svg`` is a static rendering (no interaction, smallest output)."""
+    """Display object for a notebook: ``html`` keeps the chart interactive (iframe with vega inlined, sized to
+    the chart by :func:`frame_size`; a chart wider than the page's column scrolls sideways), ``svg`` is a static
+    rendering (no interaction, smallest output)."""
     from IPython.display import HTML
 
     if mode == "svg":
@@ -65,11 +100,14 @@ def embed(chart: alt.TopLevelMixin, *, mode: Literal["html", "svg"] = "html", he
     if mode != "html":
         raise ValueError(f"mode must be 'html' or 'svg', got {mode!r}")
     page = offline_html(chart)
-    px = height or _chart_height(chart)
+    size = frame_size(chart)
+    width = f"{size[0]}px" if size else "100%"
+    px = height or (size[1] if size else _chart_height(chart))
     with warnings.catch_warnings():  # IPython suggests IFrame, which needs a file or URL; srcdoc keeps it inline
         warnings.simplefilter("ignore", UserWarning)
-        return HTML(f'<iframe srcdoc="{html_lib.escape(page, quote=True)}" style="width:100%;height:{px}px;border:none" '
-                    f'sandbox="allow-scripts"></iframe>')
+        return HTML(f'<div class="histomoe-chart" style="overflow-x:auto;max-width:100%">'
+                    f'<iframe srcdoc="{html_lib.escape(page, quote=True)}" '
+                    f'style="width:{width};height:{px}px;border:none;display:block" sandbox="allow-scripts"></iframe></div>')
 
 
 # --- data for the charts -----------------------------------------------------------------------------------
@@ -125,8 +163,9 @@ def _gate_tooltips(experts: Sequence[str]) -> list[alt.Tooltip]:
 
 def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, key: str = "histomoe",
                   measured: str = "target", labels: str | None = None, image: tuple[np.ndarray, float] | None = None,
-                  width: int = 330) -> alt.VConcatChart:
-    """Spots over the H&E coloured by a gene chosen in a drop-down (measured or predicted, radio buttons);
+                  width: int = 250) -> alt.VConcatChart:
+    """Spots over the H&E coloured by a gene chosen in a drop-down (every gene of ``genes``, listed
+    alphabetically, the first one shown; measured or predicted, radio buttons);
     hover a spot for its gene values, dominant expert and gate weights; drag on the scatter of predicted vs
     measured to highlight those spots on the map; the bars show the hovered spot's gate weights."""
     df, experts, uri, size = _spot_frame(adata, sample, key, labels, image)
@@ -134,23 +173,28 @@ def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, ke
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"genes {missing} are not in adata.var_names")
-    long = []
-    for g in genes:
-        col = adata.var_names.get_loc(g)
-        long.append(df.assign(gene=g, measured=np.asarray(adata.layers[measured][rows, col], float).ravel(),
-                              predicted=np.asarray(adata.layers[key][rows, col], float).ravel()))
-    data = pd.concat(long, ignore_index=True)
-    gene = alt.param(name="gene", value=genes[0], bind=alt.binding_select(options=list(genes), name="gene "))
+    genes = list(genes)
+    # one row per spot, gene i's values in columns m<i> / p<i> (one column per gene keeps a 50-gene panel small)
+    cols = adata.var_names.get_indexer(genes)
+    meas = np.asarray(adata.layers[measured][rows][:, cols], float)
+    pred = np.asarray(adata.layers[key][rows][:, cols], float)
+    data = pd.concat([df, pd.DataFrame(np.round(meas, 4), columns=[f"m{i}" for i in range(len(genes))]),
+                      pd.DataFrame(np.round(pred, 4), columns=[f"p{i}" for i in range(len(genes))])], axis=1)
+    order = sorted(range(len(genes)), key=lambda i: genes[i].lower())
+    gene = alt.param(name="gene", value=0, bind=alt.binding_select(options=order, labels=[genes[i] for i in order],
+                                                                   name="gene "))
     show = alt.param(name="show", value="predicted",
                      bind=alt.binding_radio(options=["predicted", "measured"], name="colour by "))
     hover = alt.selection_point(name="hover", fields=["spot"], on="pointerover", empty=False, clear="pointerout")
     brush = alt.selection_interval(name="brush", encodings=["x", "y"])
     img, xs, ys, height = _map_base(uri, size, width)
-    tips = ["spot:N", *([f"{labels}:N"] if labels else []), "gene:N", alt.Tooltip("measured:Q", format=".2f"),
+    tips = ["spot:N", *([f"{labels}:N"] if labels else []), alt.Tooltip("gene_name:N", title="gene"),
+            alt.Tooltip("measured:Q", format=".2f"),
             alt.Tooltip("predicted:Q", format=".2f"), alt.Tooltip("expert:N", title="dominant expert"),
             *_gate_tooltips(experts)]
-    base = alt.Chart(data).transform_filter(alt.datum.gene == gene).transform_calculate(
-        value="show == 'measured' ? datum.measured : datum.predicted")
+    base = alt.Chart(data).transform_calculate(
+        measured="datum['m' + gene]", predicted="datum['p' + gene]", gene_name=f"{json.dumps(genes)}[gene]"
+    ).transform_calculate(value="show == 'measured' ? datum.measured : datum.predicted")
     spots = base.mark_circle(size=60, stroke="black").encode(
         x=alt.X("x:Q", scale=xs, axis=None), y=alt.Y("y:Q", scale=ys, axis=None),
         color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis"), title="expression"),
@@ -166,7 +210,7 @@ def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, ke
                                              legend=alt.Legend(orient="bottom", direction="horizontal")),
                             alt.value("lightgrey")),
         tooltip=tips,
-    ).add_params(brush).properties(width=240, height=240, title="drag to select spots")
+    ).add_params(brush).properties(width=200, height=220, title="drag to select spots")
     bars = _gate_bars(df, experts, hover)
     return alt.vconcat(alt.hconcat(spatial, scatter), bars).add_params(gene, show).resolve_scale(color="independent")
 

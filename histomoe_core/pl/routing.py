@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from histomoe_core.pl import style
 from histomoe_core.data.sample import Sample
 from histomoe_core.pl.spatial import category_palette, grid_spot_um, spatial_scatter, thumbnail
 from histomoe_core.tl import routing as rt
@@ -26,9 +27,15 @@ def map_style(sample: Sample) -> dict:
     return {"spot_um": grid_spot_um(sample), "image_alpha": IMAGE_ALPHA, "alpha": 0.95}
 
 
+#: experts get their own palette, never the one of tissue regions / cell types (``category_palette``, tab10), so
+#: an expert map and a label map side by side do not suggest a match by colour
+EXPERT_CMAP = "Dark2"
+
+
 def expert_palette(experts: Sequence[str]) -> dict[str, tuple]:
-    """One fixed colour per expert (tab10 order), shared by every routing figure."""
-    return category_palette(experts)
+    """One fixed colour per expert (Dark2 order; tab20b beyond 8), shared by every routing figure."""
+    cmap = plt.get_cmap(EXPERT_CMAP if len(experts) <= 8 else "tab20b")
+    return {str(e): cmap(i % cmap.N) for i, e in enumerate(experts)}
 
 
 def _experts(adata: ad.AnnData, key: str) -> list[str]:
@@ -47,10 +54,10 @@ def _heatmap(ax: plt.Axes, table: pd.DataFrame, *, cmap: str, fmt: str, vmin=Non
     ax.set_xlabel(table.columns.name or "")
     ax.set_ylabel(table.index.name or "")
     if fmt and table.size <= 400:
-        norm = im.norm
         for (i, j), v in np.ndenumerate(table.to_numpy(float)):
-            dark = norm(v) > 0.6 if cmap not in ("RdBu_r", "coolwarm") else abs(norm(v) - 0.5) > 0.3
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+            if np.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                        color=style.text_colour(im.cmap(im.norm(v))))
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
 
 
@@ -59,7 +66,7 @@ def expert_usage(adata: ad.AnnData, *, groupby: str = "sample_id", key: str = "h
     """Heatmap of expert usage (mean gate weight, or share of dominated spots) per ``obs[groupby]`` value."""
     table = rt.expert_usage(adata, groupby=groupby, key=key, kind=kind)
     table.index.name = groupby
-    fig, ax = plt.subplots(figsize=(_label_in(table.index) + 1.6 + 0.75 * table.shape[1], 1.2 + 0.4 * table.shape[0]),
+    fig, ax = style.subplots(figsize=(_label_in(table.index) + 1.6 + 0.75 * table.shape[1], 1.2 + 0.4 * table.shape[0]),
                            constrained_layout=True)
     _heatmap(ax, table, cmap="viridis", fmt=".2f", vmin=0, vmax=1,
              label="mean gate weight" if kind == "mean_gate" else "share of spots dominated")
@@ -72,7 +79,7 @@ def gate_entropy(adata: ad.AnnData, *, groupby: str | None = "sample_id", key: s
     h = adata.obs[slot_names(key)["entropy"]].to_numpy(float)
     groups = adata.obs[groupby].astype(str).to_numpy() if groupby else np.full(len(h), "all spots")
     levels = sorted(set(groups))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(levels) + 2), 3.2), constrained_layout=True)
+    fig, ax = style.subplots(figsize=(max(4.0, 0.7 * len(levels) + 2), 3.2), constrained_layout=True)
     data = [h[groups == g] for g in levels]
     parts = ax.violinplot(data, showmedians=True, widths=0.8)
     for body in parts["bodies"]:
@@ -97,7 +104,7 @@ def contingency(adata: ad.AnnData, labels: str, *, key: str = "histomoe", normal
     shown.index = [f"{i} (n={int(c)})" for i, c in zip(table.index, counts)]
     shown.index.name, shown.columns.name = labels, "dominant expert"
     width = max(_label_in(shown.index) + 1.6 + 0.75 * shown.shape[1], 5.5)
-    fig, ax = plt.subplots(figsize=(width, 1.4 + 0.4 * shown.shape[0]), constrained_layout=True)
+    fig, ax = style.subplots(figsize=(width, 1.4 + 0.4 * shown.shape[0]), constrained_layout=True)
     _heatmap(ax, shown, cmap="Blues", fmt=".2f" if normalize else "d", vmin=0, vmax=1 if normalize else None,
              label="share of the label's spots" if normalize else "spots")
     ax.set_title((title + "\n" if title else "") + f"dominant expert vs {labels}\nNMI {agr.nmi:.2f}, ARI {agr.ari:.2f}",
@@ -113,7 +120,7 @@ def expert_map(adata: ad.AnnData, sample: Sample, *, key: str = "histomoe", labe
     experts = _experts(adata, key)
     dom = pd.Categorical(adata.obs[slot_names(key)["expert"]].astype(str).to_numpy()[rows], categories=experts)
     n = 3 if labels else 2
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), constrained_layout=True)
+    fig, axes = style.subplots(1, n, figsize=(3.3 * n, 3.4), constrained_layout=True)
     spatial_scatter(sample, None, ax=axes[0], image=image, title=f"{sample.sample_id}: H&E")
     spatial_scatter(sample, dom, ax=axes[1], categorical=True, image=image, palette=expert_palette(experts),
                     title="dominant expert", **map_style(sample))
@@ -136,7 +143,7 @@ def gate_maps(adata: ad.AnnData, sample: Sample, *, key: str = "histomoe", exper
     image = image or thumbnail(sample)
     ncols = min(ncols, len(chosen))
     nrows = int(np.ceil(len(chosen) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.5 * nrows), constrained_layout=True, squeeze=False)
+    fig, axes = style.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.5 * nrows), constrained_layout=True, squeeze=False)
     cols = [names.index(e) for e in chosen]
     lo, hi = limits if limits is not None else (float(gates[:, cols].min()), float(gates[:, cols].max()))
     hi = hi if hi > lo else lo + 1e-6
@@ -157,7 +164,7 @@ def expert_genes(adata: ad.AnnData, *, key: str = "histomoe", n_top: int = 15, t
     gene's prediction), for the ``n_top`` genes with the largest difference."""
     table = rt.expert_genes(adata, key=key, n_top=n_top)
     lim = float(np.nanmax(np.abs(table.to_numpy()))) or 1.0
-    fig, ax = plt.subplots(figsize=(_label_in(table.index) + 1.6 + 0.75 * table.shape[1], 1.2 + 0.32 * table.shape[0]),
+    fig, ax = style.subplots(figsize=(_label_in(table.index) + 1.6 + 0.75 * table.shape[1], 1.2 + 0.32 * table.shape[0]),
                            constrained_layout=True)
     _heatmap(ax, table, cmap="RdBu_r", fmt=".1f", vmin=-lim, vmax=lim, label="expert - others (s.d.)")
     ax.set_title(title or "Genes each expert predicts differently", fontsize=10)
@@ -172,7 +179,7 @@ def expert_montage(samples, picks: pd.DataFrame, *, size_um: float = 112.0, out_
     spec = PatchSpec(size_um=size_um, out_px=out_px)
     experts = sorted(picks["expert"].unique())
     ncols = int(picks.groupby("expert").size().max())
-    fig, axes = plt.subplots(len(experts), ncols, figsize=(1.25 * ncols + 0.8, 1.45 * len(experts)), squeeze=False)
+    fig, axes = style.subplots(len(experts), ncols, figsize=(1.25 * ncols + 0.8, 1.45 * len(experts)), squeeze=False)
     images = {}
     for sid, part in picks.groupby("sample"):
         s = samples[sid]

@@ -12,6 +12,7 @@ from matplotlib.colors import Normalize
 from matplotlib.lines import Line2D
 from PIL import Image, UnidentifiedImageError
 
+from histomoe_core.pl import style
 from histomoe_core.data.patches import load_image
 from histomoe_core.data.sample import Sample
 
@@ -98,7 +99,7 @@ def spatial_scatter(
     a pandas Categorical's categories, else sorted values). ``image_alpha`` < 1 fades the H&E under the spots.
     """
     if ax is None:
-        _, ax = plt.subplots(figsize=(5, 5))
+        _, ax = style.subplots(figsize=(5, 5))
     img, f = image if image is not None else thumbnail(sample)
     xy = sample.coords * f
     ax.imshow(img, alpha=image_alpha)

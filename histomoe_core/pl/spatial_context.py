@@ -11,6 +11,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, Rectangle
 from PIL import Image
 
+from histomoe_core.pl import style
 from histomoe_core.data.sample import Sample
 from histomoe_core.spatial_context import WIDE_UM, neighbour_rings, ring_edges, section_coords_um
 
@@ -51,7 +52,7 @@ def neighbourhood(sample: Sample, spot: int | str, *, radius_um: float | Sequenc
     half = max(edges[-1], (wide_um or 0) / 2, spot_um / 2) + margin_um
     img, ext = _crop_um(sample, sample.coords[i], half)
     if ax is None:
-        _, ax = plt.subplots(figsize=(5, 5))
+        _, ax = style.subplots(figsize=(5, 5))
     ax.imshow(img, extent=ext)
     rings = neighbour_rings(xy, edges)
     colours = plt.get_cmap("tab10")
