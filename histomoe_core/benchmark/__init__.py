@@ -1,7 +1,7 @@
 """The benchmark: every model on the same folds, gene panels and embeddings, over several seeds.
 
 ``run_benchmark(profile_or_config, **overrides) -> BenchmarkRun``. For each target kind (``log1p``,
-``log1p_norm``), each fold (patient-grouped) and each model, the gene panel is chosen on the fold's
+``log1p_norm``; her2st: log1p only unless asked), each fold (patient-grouped) and each model, the gene panel is chosen on the fold's
 training sections only (:func:`~histomoe_core.data.genes.select_panel`; or a fixed list), the model is fit on the
 training spots (neural models once per seed, deterministic ones once) and scored on the test spots.
 
