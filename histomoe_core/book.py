@@ -300,13 +300,22 @@ def _glue_lines(source: str) -> set[int]:
         return set()
     lines: set[int] = set()
     for node in tree.body:
-        is_glue = (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
-                   and isinstance(node.value.func, ast.Name) and node.value.func.id == "glue")
         is_import = (isinstance(node, ast.ImportFrom) and node.module == "myst_nb"
                      and [a.name for a in node.names] == ["glue"])
-        if is_glue or is_import:
+        if is_import or _only_glue(node):
             lines.update(range(node.lineno - 1, node.end_lineno))
     return lines
+
+
+def _only_glue(node: ast.stmt) -> bool:
+    """A ``glue(...)`` call, or a ``for`` / ``if`` / ``with`` block whose statements are all glue calls."""
+    if isinstance(node, ast.Expr):
+        call = node.value
+        return isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "glue"
+    if isinstance(node, (ast.For, ast.If, ast.With)):
+        body = [*node.body, *getattr(node, "orelse", [])]
+        return bool(body) and all(_only_glue(b) for b in body)
+    return False
 
 
 #: first line of the parameters cell a page shows (the chapter's declarations with this page's values)

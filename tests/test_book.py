@@ -196,6 +196,8 @@ def test_page_layout_shows_one_parameters_cell_and_no_glue_bookkeeping():
         cell("glue('z', 3, display=False)\n# only bookkeeping"),
         cell("glue('shown', fig)", outputs=[nbformat.v4.new_output("display_data", {"text/plain": "fig"})]),
         cell("%time y = 2"),
+        cell("for k in 'ab':\n    glue(k, 1, display=False)\nz = 2\nif z:\n    glue('w', z, display=False)\n"
+             "for k in 'ab':\n    print(k)"),
     ])
     assert book.page_layout(nb)
     assert nb.cells[2].source == f'{book.MERGED_HEADER}\nprofile = "smoke"\nseed = 0'  # every parameter, once
@@ -203,6 +205,7 @@ def test_page_layout_shows_one_parameters_cell_and_no_glue_bookkeeping():
     assert "remove-cell" in tags[0] and "remove-cell" in tags[1] and "remove-cell" not in tags[2]
     assert nb.cells[3].source == "x = 1\nx" and "remove-cell" not in tags[3]
     assert "remove-cell" in tags[4] and tags[5] == ["remove-input"] and nb.cells[6].source == "%time y = 2"
+    assert nb.cells[7].source == "z = 2\nfor k in 'ab':\n    print(k)"  # glue-only loops and ifs go, others stay
     assert not book.page_layout(nb), "page_layout must be idempotent"
 
 
