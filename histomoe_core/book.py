@@ -32,6 +32,7 @@ from histomoe_core import cache, colab
 from histomoe_core.paths import environ
 from histomoe_core.colab import Repo, add_cells, colab_notebook, launch_source, sync_notebooks
 from histomoe_core.colab_markdown import load_references
+from histomoe_core.book_pages import MERGED_HEADER, layout_file, merged_parameters, page_layout  # noqa: F401 (re-exported)
 from histomoe_core.book_deps import (PACKAGE, _sha, chapter_imports, code_fingerprint_for,  # noqa: F401 (re-exported)
                                      manifests_for, module_closure, package_root)
 from histomoe_core.errors import HistoMoEError
@@ -286,138 +287,9 @@ def _kernel_env():
     return environ(**KERNEL_ENV, PYTHONWARNINGS=warnings)
 
 
-# --------------------------------------------------------------------------------------------- page layout
-
-#: tags that hide a cell in the HTML page (the executed notebook keeps the cell, Colab's copy is untouched)
-REMOVE_CELL, REMOVE_INPUT = "remove-cell", "remove-input"
-
-
-def _glue_lines(source: str) -> set[int]:
-    """0-based line numbers of top-level ``glue(...)`` calls and ``from myst_nb import glue`` in ``source``."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:  # magics (%time ...): leave the cell as it is
-        return set()
-    lines: set[int] = set()
-    for node in tree.body:
-        is_import = (isinstance(node, ast.ImportFrom) and node.module == "myst_nb"
-                     and [a.name for a in node.names] == ["glue"])
-        if is_import or _only_glue(node):
-            lines.update(range(node.lineno - 1, node.end_lineno))
-    return lines
-
-
-def _only_glue(node: ast.stmt) -> bool:
-    """A ``glue(...)`` call, or a ``for`` / ``if`` / ``with`` block whose statements are all glue calls."""
-    if isinstance(node, ast.Expr):
-        call = node.value
-        return isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "glue"
-    if isinstance(node, (ast.For, ast.If, ast.With)):
-        body = [*node.body, *getattr(node, "orelse", [])]
-        return bool(body) and all(_only_glue(b) for b in body)
-    return False
-
-
-#: first line of the parameters cell a page shows (the chapter's declarations with this page's values)
-MERGED_HEADER = "# Parameters: the chapter's defaults, with the values this page was executed with"
-
-
-def _assignments(source: str) -> dict[str, tuple[int, int]]:
-    """Top-level ``name = ...`` statements of ``source``: name -> (first, last) 0-based line."""
-    out = {}
-    for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for t in targets:
-            if isinstance(t, ast.Name):
-                out[t.id] = (node.lineno - 1, node.end_lineno - 1)
-    return out
-
-
-def merged_parameters(defaults: str, injected: str) -> str:
-    """The chapter's parameters cell (its comments included) with each injected assignment in place of the
-    default: what the page's code ran with, every parameter shown once."""
-    new = _assignments(injected)
-    inj_lines = injected.splitlines()
-    lines = defaults.splitlines()
-    spans = {a: b for a, b in _assignments(defaults).values()}
-    by_start = {start: name for name, (start, _) in _assignments(defaults).items()}
-    out, i = [MERGED_HEADER], 0
-    while i < len(lines):
-        name = by_start.get(i)
-        if name in new:
-            a, b = new[name]
-            out.extend(inj_lines[a:b + 1])
-            i = spans[i] + 1
-            continue
-        out.append(lines[i])
-        i += 1
-    extra = [n for n in new if n not in by_start.values()]
-    for n in extra:  # injected but not declared (papermill injects whatever it is given)
-        a, b = new[n]
-        out.extend(inj_lines[a:b + 1])
-    return "\n".join(out)
-
-
-def page_layout(nb) -> bool:
-    """Prepare an executed notebook for its HTML page (idempotent); True when something changed.
-
-    - one parameters cell per page: papermill's ``injected-parameters`` cell shows the chapter's parameters
-      cell (comments included) with the injected values in place of the defaults (:func:`merged_parameters`),
-      and the chapter's own cell is removed from the page;
-    - the Colab install cell (it does nothing outside Colab) is removed instead of shown as an empty toggle;
-    - ``glue()`` bookkeeping is taken out of the displayed input: a cell that only glues disappears (its
-      outputs, if any, stay), a cell that computes and glues shows the computation only.
-    """
-    changed = False
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    for prev, cell in zip(code, code[1:]):
-        tags, prev_tags = cell.metadata.get("tags", []), prev.metadata.get("tags", [])
-        if "injected-parameters" in tags and "parameters" in prev_tags and not cell.source.startswith(MERGED_HEADER):
-            try:
-                cell.source = merged_parameters(prev.source, cell.source)
-                changed = True
-            except SyntaxError:
-                pass
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        tags = list(cell.metadata.get("tags", []))
-        add = []
-        if ("parameters" in tags and "injected-parameters" not in tags) or "colab" in tags:
-            add = [REMOVE_CELL]
-        else:
-            drop = _glue_lines(cell.source)
-            if drop:
-                kept = [line for i, line in enumerate(cell.source.splitlines()) if i not in drop]
-                text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
-                if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
-                    add = [REMOVE_INPUT] if cell.get("outputs") else [REMOVE_CELL]
-                elif text != cell.source:
-                    cell.source = text
-                    changed = True
-        for t in add:
-            if t not in tags:
-                tags.append(t)
-        if tags != list(cell.metadata.get("tags", [])):
-            cell.metadata["tags"] = tags
-            changed = True
-    return changed
-
-
-def _layout_file(path: Path) -> bool:
-    """:func:`page_layout` on a notebook file, rewritten only when it changes."""
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    if not page_layout(nb):
-        return False
-    nbformat.write(nb, path)
-    return True
-
-
 def prepare_pages(root: Path) -> list[Path]:
     """:func:`page_layout` on every executed chapter of ``root`` (before Sphinx reads them); the files changed."""
-    return [p for p in sorted((root / EXECUTED_DIR).glob("*.ipynb")) if _layout_file(p)]
+    return [p for p in sorted((root / EXECUTED_DIR).glob("*.ipynb")) if layout_file(p)]
 
 
 def _write_if_changed(src: Path, dst: Path) -> bool:
@@ -426,7 +298,7 @@ def _write_if_changed(src: Path, dst: Path) -> bool:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
-    _layout_file(tmp)  # compare the page as it will be read (prepare_pages would otherwise rewrite it every build)
+    layout_file(tmp)  # compare the page as it will be read (prepare_pages would otherwise rewrite it every build)
     if dst.is_file() and dst.read_bytes() == tmp.read_bytes():
         tmp.unlink()
         return False
@@ -470,7 +342,7 @@ def execute_chapter(chapter: Chapter, params: Mapping, *, repo: Repo, out_path: 
                     f"  the partly executed notebook is {out_path}\n  source: {chapter.path}"
                 ) from exc
     _relative_paths(out_path, chapter)
-    _layout_file(out_path)
+    layout_file(out_path)
 
 
 def _relative_paths(nb_path: Path, chapter: Chapter) -> None:
@@ -639,59 +511,3 @@ def build_book(
     if failed:
         raise BookError(f"{len(failed)} chapter(s) failed:\n" + "\n".join(r.error for r in failed))
     return BookResult(runs, html_dir, time.perf_counter() - t0)
-
-
-# --------------------------------------------------------------------------------------------- reports
-
-
-def dependency_table(root: Path | None = None) -> "pd.DataFrame":
-    """Per chapter, the ``histomoe_core`` modules whose source is part of its cache key."""
-    import pandas as pd
-
-    root = find_root(root)
-    pkg_root = package_root()
-    rows = []
-    for c in discover_chapters(root):
-        mods = sorted(module_closure(chapter_imports(read_chapter(c)), pkg_root))
-        short = [m[len(PACKAGE) + 1:] for m in mods if m != PACKAGE]
-        rows.append({"chapter": c.stem, "modules": len(mods), "depends on": ", ".join(short)})
-    return pd.DataFrame(rows).set_index("chapter")
-
-
-def parameter_table(profile: str = "her2st", root: Path | None = None) -> "pd.DataFrame":
-    """Every chapter's parameters: the default in its source and the value ``profile`` injects."""
-    import pandas as pd
-
-    root = find_root(root)
-    prof = load_profile(profile, root)
-    rows = []
-    for c in discover_chapters(root):
-        nb = read_chapter(c)
-        injected = resolve_parameters(c, nb, prof, {})
-        for name, default in declared_parameters(nb).items():
-            rows.append({"chapter": c.stem, "parameter": name, "default": default,
-                         f"{profile}": injected.get(name, default)})
-    return pd.DataFrame(rows).set_index(["chapter", "parameter"])
-
-
-def environment() -> "pd.Series":
-    """Versions and hardware that results depend on (for the record at the end of a run)."""
-    import platform
-
-    import pandas as pd
-    import torch
-
-    info = {"python": platform.python_version(), "platform": platform.platform(terse=True), "cpu cores": os.cpu_count()}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("histomoe-core", "torch", "timm", "numpy", "scanpy", "anndata", "captum"):
-        try:
-            info[dist] = version(dist)
-        except PackageNotFoundError:
-            info[dist] = "-"
-    info["cuda available"] = torch.cuda.is_available()
-    info["gpus"] = torch.cuda.device_count()
-    if torch.cuda.is_available():
-        info["gpu 0"] = torch.cuda.get_device_name(0)
-    info["on colab"] = "google.colab" in sys.modules
-    return pd.Series(info, name="value")

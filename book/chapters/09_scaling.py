@@ -29,7 +29,7 @@ task = "IDC"  # HEST-Bench task shown in detail
 import pandas as pd
 from myst_nb import glue
 
-from histomoe_core.book import dependency_table, environment
+from histomoe_core.book_reports import dependency_table, environment
 from histomoe_core.data.hest import hest_task, task_names
 from histomoe_core.data.hest_bench import BENCH_TASKS
 from histomoe_core.embed import resolve_device

@@ -37,7 +37,7 @@ def _run(args) -> int:
     if args.list:
         import pandas as pd
 
-        from histomoe_core.book import parameter_table
+        from histomoe_core.book_reports import parameter_table
 
         with pd.option_context("display.width", 200, "display.max_rows", None, "display.max_colwidth", 60):
             print(parameter_table(args.profile, args.root).to_string())
