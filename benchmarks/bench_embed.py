@@ -2,6 +2,9 @@
 
     python benchmarks/bench_embed.py                       # her2st, efficientnet_lite0, every section
     python benchmarks/bench_embed.py --sections B4 C2 --encoder resnet18
+    python benchmarks/bench_embed.py --dataset tissues     # the multi-tissue collection (23 sections)
+    python benchmarks/bench_embed.py --dataset ffpe_analysis --sections V10F24-078_B1   # one big Visium section
+    python benchmarks/bench_embed.py --patch-threads 0 1 --repeats 2   # HISTOMOE_PATCH_THREADS settings compared
 
 (a) ceiling: the forward pass alone on patches already decoded and normalised in memory (``inference_mode``,
     ``channels_last``, bf16 autocast on GPU, the same allocator setting), measured just before AND just after
@@ -9,16 +12,21 @@
 (b) pipeline: :func:`histomoe_core.embed.run_embedding` on every section into a cold temporary cache, as
     ``histomoe embed`` runs it: decode each slide, crop, resize and normalise patches in a background thread
     (the next slide decodes while the encoder works on the last one), embed, write chunk and sample files.
-Prints both in patches/s, their ratio (goal >= 0.85), the same ratio in CPU time (less sensitive to other
-programs sharing the machine), how long the encoder waited for patches, and the peak resident memory of the
-pipeline (goal < 4 GB while a 9k x 10k px her2st section is embedded).
-Not a test: the numbers depend on the machine and on what else runs on it.
+Both use the same batch size and the encoder's CPU thread count (``HISTOMOE_EMBED_THREADS``). With several
+``--patch-threads`` settings or ``--repeats``, the pipeline runs are interleaved with ceiling measurements
+(ceiling, run, ceiling, run, ceiling, ...) and each run is compared with the mean of the ceilings on either
+side of it, so a change in machine load shows up as disagreeing ceilings rather than as a false ratio.
+Prints, per run, both rates in patches/s, their ratio (goal >= 0.85), the same ratio in CPU time per patch
+(less sensitive to other programs sharing the machine), how long the encoder waited for patches, and the peak
+resident memory of the pipeline (goal < 4 GB while a 9k x 10k px her2st section is embedded); then the median
+ratio per setting. Not a test: the numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -66,6 +74,52 @@ def slide_size(sample) -> str:
     return f"{w} x {h} px"
 
 
+def measure_ceiling(enc, big, batch_size: int, device) -> "object":
+    from histomoe_core.embed_eval import forward_ceiling
+
+    return forward_ceiling(enc, [big], batch_size=batch_size, n_patches=min(big.n_spots, 4 * batch_size),
+                           device=device)
+
+
+def pipeline_run(samples, enc, batch_size: int, device, patch_threads: int | None) -> dict:
+    """One cold-cache pipeline run over every sample: wall and CPU seconds, patches, peak RSS, waits."""
+    from histomoe_core.embed import run_embedding
+    from histomoe_core.embed_eval import cpu_seconds, temporary_cache
+    from histomoe_core.paths import environ
+
+    env = {} if patch_threads is None else {"HISTOMOE_PATCH_THREADS": str(patch_threads)}
+    with temporary_cache(), environ(**env):
+        base = rss_mb()
+        with PeakRSS() as peak:
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            _, st = run_embedding(samples, enc, batch_size=batch_size, device=device, progress=False)
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"patch_threads": patch_threads, "n_patches": st.n_patches, "pipeline_seconds": wall, "cpu_seconds": cpu,
+            "pipeline_patches_per_s": st.n_patches / wall, "forward_seconds": st.forward_s,
+            "starved_seconds": st.starved_s, "peak_rss_mb": peak.peak, "rss_before_mb": base}
+
+
+def compare(run: dict, before, after) -> dict:
+    """The run's ratios to the mean of the ceilings measured just before and just after it."""
+    ceil = (before.rate + after.rate) / 2
+    cpu_per_patch_ceil = (before.cpu_s + after.cpu_s) / (before.n + after.n)
+    return {**run, "ceiling_patches_per_s": ceil, "ceiling_before": before.rate, "ceiling_after": after.rate,
+            "ratio": run["pipeline_patches_per_s"] / ceil,
+            "cpu_time_ratio": cpu_per_patch_ceil / (run["cpu_seconds"] / run["n_patches"])}
+
+
+def report(r: dict, label: str) -> None:
+    print(f"[{label}] (a) ceiling {r['ceiling_patches_per_s']:7.1f} patches/s (before {r['ceiling_before']:.1f}, "
+          f"after {r['ceiling_after']:.1f})")
+    print(f"[{label}] (b) pipeline {r['pipeline_patches_per_s']:7.1f} patches/s ({r['n_patches']} patches in "
+          f"{r['pipeline_seconds']:.1f} s; encoder busy {r['forward_seconds']:.1f} s, waited "
+          f"{r['starved_seconds']:.1f} s for patches)")
+    print(f"[{label}] ratio (b)/(a) = {r['ratio']:.3f}   (goal >= 0.85: {'met' if r['ratio'] >= 0.85 else 'NOT met'});"
+          f"  in CPU time per patch: {r['cpu_time_ratio']:.3f};  peak RSS {r['peak_rss_mb']:.0f} MB (before "
+          f"{r['rss_before_mb']:.0f} MB; goal < 4096 MB: {'met' if r['peak_rss_mb'] < 4096 else 'NOT met'}); "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="her2st")
@@ -73,56 +127,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", nargs="+", default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--patch-threads", nargs="+", type=int, default=[None],
+                    help="HISTOMOE_PATCH_THREADS settings to run (default: the device's default)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each setting, interleaved with ceilings")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from histomoe_core.data import load_dataset
-    from histomoe_core.embed import resolve_device, run_embedding
-    from histomoe_core.embed_eval import cpu_seconds, forward_ceiling, temporary_cache
+    from histomoe_core.embed import embed_threads, patch_threads, resolve_device
     from histomoe_core.encoders import create_encoder
 
     samples = load_dataset(args.dataset, **({"sections": args.sections} if args.sections else {}))
     device = resolve_device(args.device)
     enc = create_encoder(args.encoder).to(device).eval().to(memory_format=torch.channels_last)
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", load average {os.getloadavg()[0]:.1f}")
-    print(f"data: {args.dataset}, {len(samples)} sections, {sum(s.n_spots for s in samples)} spots; encoder {enc.name}, "
-          f"batch {args.batch_size}")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, encoder threads {embed_threads(device)}, "
+          f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", default patch threads {patch_threads(device)}, load average {os.getloadavg()[0]:.1f}")
+    print(f"data: {args.dataset}, {len(samples)} sections, {sum(s.n_spots for s in samples)} spots; encoder "
+          f"{enc.name}, batch {args.batch_size}")
     big = max(samples, key=lambda s: s.image_path.stat().st_size if s.image_path else 0)
-    n_ceil = min(big.n_spots, 4 * args.batch_size)
-    forward_ceiling(enc, [big], batch_size=args.batch_size, n_patches=args.batch_size, device=device)  # warm-up
-    before = forward_ceiling(enc, [big], batch_size=args.batch_size, n_patches=n_ceil, device=device)
-    with temporary_cache():
-        base = rss_mb()
-        with PeakRSS() as peak:
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            _, st = run_embedding(samples, enc, batch_size=args.batch_size, device=device, progress=False)
-            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    after = forward_ceiling(enc, [big], batch_size=args.batch_size, n_patches=n_ceil, device=device)
-
-    ceil = (before.rate + after.rate) / 2
-    pipe = st.n_patches / wall
-    ratio = pipe / ceil
-    cpu_per_patch_ceil = (before.cpu_s + after.cpu_s) / (before.n + after.n)
-    cpu_ratio = cpu_per_patch_ceil / (cpu / st.n_patches)
-    print(f"(a) ceiling  (forward on {n_ceil} in-memory {big.sample_id} patches): {ceil:7.1f} patches/s "
-          f"(before {before.rate:.1f}, after {after.rate:.1f})")
-    print(f"(b) pipeline (image files -> cache, {st.n_patches} patches in {wall:.1f} s): {pipe:7.1f} patches/s "
-          f"(encoder busy {st.forward_s:.1f} s, waited {st.starved_s:.1f} s for patches)")
-    print(f"ratio (b)/(a) = {ratio:.3f}   (goal >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'});  "
-          f"in CPU time per patch: {cpu_ratio:.3f}")
-    print(f"peak RSS of the pipeline: {peak.peak:.0f} MB (process before: {base:.0f} MB; largest slide "
-          f"{big.sample_id}, {slide_size(big)}; goal < 4096 MB: {'met' if peak.peak < 4096 else 'NOT met'}); "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"ceiling on {min(big.n_spots, 4 * args.batch_size)} in-memory patches of the largest slide, "
+          f"{big.sample_id} ({slide_size(big)})", flush=True)
+    measure_ceiling(enc, big, args.batch_size, device)  # warm-up
+    before = measure_ceiling(enc, big, args.batch_size, device)
+    runs = []
+    for rep in range(args.repeats):
+        for pt in args.patch_threads:
+            run = pipeline_run(samples, enc, args.batch_size, device, pt)
+            after = measure_ceiling(enc, big, args.batch_size, device)
+            runs.append(compare(run, before, after) | {"repeat": rep})
+            before = after
+            report(runs[-1], f"patch threads {patch_threads(device) if pt is None else pt}, run {rep + 1}")
+    for pt in args.patch_threads:
+        mine = [r["ratio"] for r in runs if r["patch_threads"] == pt]
+        cpu = [r["cpu_time_ratio"] for r in runs if r["patch_threads"] == pt]
+        print(f"{args.dataset}, patch threads {patch_threads(device) if pt is None else pt}: median ratio "
+              f"{statistics.median(mine):.3f} over {len(mine)} run(s) ({', '.join(f'{x:.3f}' for x in mine)}); "
+              f"CPU-time ratio {statistics.median(cpu):.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "ceiling_patches_per_s": ceil, "pipeline_patches_per_s": pipe, "ratio": ratio, "cpu_time_ratio": cpu_ratio,
-            "ceiling_before": before.rate, "ceiling_after": after.rate, "pipeline_seconds": wall,
-            "forward_seconds": st.forward_s, "starved_seconds": st.starved_s,
-            "peak_rss_mb": peak.peak, "encoder": enc.name, "device": str(device),
-        }, indent=1))
+        Path(args.json).write_text(json.dumps({"dataset": args.dataset, "encoder": enc.name, "device": str(device),
+                                               "runs": runs}, indent=1))
     return 0
 
 

@@ -3,7 +3,8 @@
 :func:`embed_samples` returns ``{sample_id: (n_spots, D) float32}`` in ``adata.obs_names`` order. Samples whose
 file is cached are read back; the rest go through one pipeline: a background thread decodes each slide,
 crops and resizes patches and normalises them (PIL and torch release the GIL), while the main thread runs
-the encoder (``inference_mode``, ``channels_last``, bf16 autocast on GPU) and writes one chunk file per batch.
+the encoder (``inference_mode``, ``channels_last``, bf16 autocast on GPU) and writes one chunk file per batch
+(:mod:`histomoe_core.embed_pipeline`).
 
 Under ``torchrun`` (an initialised ``torch.distributed`` process group) each rank embeds a disjoint,
 spot-balanced share of the unfinished samples into the same cache; all ranks then read the whole result.
@@ -12,12 +13,10 @@ spot-balanced share of the unfinished samples into the same cache; all ranks the
 """
 from __future__ import annotations
 
-import queue
-from contextlib import contextmanager, nullcontext
-import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,13 +25,9 @@ from histomoe_core.data.patches import (  # noqa: F401  (open_slide, slide_batch
     PatchSpec, crop_boxes, image_size, in_image, open_slide, slide_batches,
 )
 from histomoe_core.data.sample import Sample
-from histomoe_core.embed_cache import (
-    CacheEntry, encoder_key, finalize, locked, read_card, read_chunks, read_final, write_card, write_chunk,
-)
+from histomoe_core.embed_cache import CacheEntry, encoder_key, locked, read_card, read_chunks, read_final, write_card
+from histomoe_core.embed_pipeline import Job as _Job, PatchReader, patch_threads, run_jobs  # noqa: F401  (re-exported)
 from histomoe_core.encoders import TextEncoder, VisionEncoder, create_encoder, create_text_encoder, metadata_text
-
-_DONE = object()
-
 
 # ------------------------------------------------------------------------------------------------ devices
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -134,34 +129,6 @@ def _barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ planning
-class PatchReader(Protocol):
-    """A source of patches other than the sample's decoded image (see :func:`run_embedding`)."""
-
-    def batches(self, sample: Sample, spec: PatchSpec, *, batch_size: int,
-                indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
-
-    def cache_id(self) -> str: ...
-
-
-@dataclass
-class _Job:
-    sample: Sample
-    entry: CacheEntry
-    expected: np.ndarray  #: spot indices that get a patch
-    done_idx: np.ndarray  #: spots read from the cache's chunk files (a resumed run)
-    done_emb: np.ndarray
-    new: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  #: (indices, embeddings) of this run
-    missing: np.ndarray = field(init=False)  #: spots to embed in this run (fixed when planned)
-
-    def __post_init__(self) -> None:
-        self.missing = np.setdiff1d(self.expected, self.done_idx)
-
-    def all_done(self) -> tuple[np.ndarray, np.ndarray]:
-        """Indices and embeddings of every finished spot, concatenated once."""
-        return (np.concatenate([self.done_idx, *(i for i, _ in self.new)]),
-                np.concatenate([self.done_emb, *(z for _, z in self.new)]))
-
-
 @dataclass
 class EmbedStats:
     """What a call did: samples read from cache vs computed, patches embedded, seconds, patches/s."""
@@ -201,135 +168,6 @@ def shard(jobs: Sequence[_Job], rank: int, world: int) -> list[_Job]:
             mine.append(j)
     order = {j.sample.sample_id: i for i, j in enumerate(jobs)}
     return sorted(mine, key=lambda j: order[j.sample.sample_id])
-
-
-# ------------------------------------------------------------------------------------------------ pipeline
-def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.2)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _produce(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, batch_size: int, pin: bool,
-             q: queue.Queue, stop: threading.Event, threads: int = 0, reader: "PatchReader | None" = None) -> None:
-    """Decode, crop, resize and normalise patches for every job, in order; a ``None`` batch ends a sample.
-    With ``threads`` > 0 that many of the next slides are decoded ahead in threads, and the patches of each batch
-    are cropped and resized by as many threads. A ``reader`` replaces the slide decoding (e.g. tiles of a
-    pyramidal slide)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    todo = [j for j, job in enumerate(jobs) if len(job.missing)]
-    decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="histomoe-decode") if threads else None
-    crops = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="histomoe-crop") if threads else None
-    ahead: dict[int, object] = {}
-
-    def schedule(k: int) -> None:
-        if decoder is not None and reader is None and k < len(todo):
-            ahead[todo[k]] = decoder.submit(open_slide, jobs[todo[k]].sample)
-
-    try:
-        for k in range(threads):
-            schedule(k)
-        done = 0
-        for j, job in enumerate(jobs):
-            missing = job.missing
-            if len(missing):
-                opened = ahead.pop(j).result() if j in ahead else False
-                schedule(done + threads)
-                done += 1
-                batches = (reader.batches(job.sample, spec, batch_size=batch_size, indices=missing)
-                           if reader is not None else
-                           slide_batches(job.sample, spec, batch_size=batch_size, indices=missing, opened=opened,
-                                         pool=crops))
-                for idx, patches in batches:
-                    x = encoder.preprocess(patches)
-                    if pin:
-                        x = x.pin_memory()
-                    if not _put(q, (j, idx, x), stop):
-                        return
-            if not _put(q, (j, None, None), stop):
-                return
-        _put(q, _DONE, stop)
-    except BaseException as exc:  # handed to the consumer, which re-raises it
-        _put(q, exc, stop)
-    finally:
-        if crops is not None:
-            crops.shutdown(wait=True, cancel_futures=True)
-        if decoder is not None:
-            decoder.shutdown(wait=True, cancel_futures=True)
-            for f in ahead.values():  # slides decoded ahead but never used (stopped early)
-                if f.done() and f.exception() is None and f.result() is not None:
-                    f.result().close()
-
-
-def patch_threads(device: torch.device) -> int:
-    """Threads that decode slides ahead and crop patches: none on a CPU (the encoder is the bottleneck and
-    memory stays low), up to 4 on a GPU, which one thread cannot keep busy. ``HISTOMOE_PATCH_THREADS`` overrides."""
-    import os
-
-    env = os.environ.get("HISTOMOE_PATCH_THREADS")
-    if env:
-        return max(int(env), 0)
-    return 0 if device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-def _run(jobs: Sequence[_Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int, device: torch.device,
-         progress: bool, stats: EmbedStats, prefetch: int = 3,
-         between_samples: Callable[[], object] = lambda: None,
-         reader: "PatchReader | None" = None) -> dict[str, np.ndarray]:
-    from tqdm.auto import tqdm
-
-    out: dict[str, np.ndarray] = {}
-    total = int(sum(len(j.missing) for j in jobs))
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=(jobs, encoder, spec, batch_size, device.type == "cuda", q, stop,
-                                                       patch_threads(device), reader),
-                                name="histomoe-patches", daemon=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision_for(device) == "bf16")
-    bar = tqdm(total=total, unit="patch", desc=f"embed {encoder.name}", disable=not progress or total == 0)
-    producer.start()
-    try:
-        with torch.inference_mode(), autocast:
-            while True:
-                t_wait = time.perf_counter()
-                item = q.get()
-                stats.starved_s += time.perf_counter() - t_wait
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                j, idx, x = item
-                job = jobs[j]
-                if idx is None:
-                    out[job.sample.sample_id] = finalize(job.entry, job.sample, *job.all_done())
-                    between_samples()
-                    continue
-                t_fwd = time.perf_counter()
-                n = len(x)
-                if device.type == "cuda" and n < batch_size:  # one input shape: no new kernel choice per section
-                    x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                z = encoder(x)[:n].float().cpu().numpy()
-                stats.forward_s += time.perf_counter() - t_fwd
-                write_chunk(job.entry, idx, z)
-                job.new.append((idx, z))
-                stats.n_patches += len(idx)
-                bar.update(len(idx))
-    finally:
-        stop.set()
-        while producer.is_alive():
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        producer.join()
-        bar.close()
-    return out
 
 
 def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "efficientnet_lite0", *,
@@ -394,7 +232,7 @@ def run_embedding(samples: Iterable[Sample], encoder: str | VisionEncoder = "eff
         t0 = time.perf_counter()
         if mine:
             with malloc_for_inference() if dev.type == "cpu" else nullcontext(lambda: None) as trim, fixed_threads(threads):
-                computed = _run(mine, enc, spec, batch_size=batch_size, device=dev, progress=progress and rank == 0,
+                computed = run_jobs(mine, enc, spec, batch_size=batch_size, device=dev, progress=progress and rank == 0,
                                 stats=stats, between_samples=trim, reader=reader)
         stats.seconds = time.perf_counter() - t0
     result.update(computed)

@@ -1,8 +1,8 @@
 """Looking at embeddings: encoder cards, throughput, a UMAP of spots, and encoders compared on one downstream head.
 
 - :func:`encoder_table`: name, dimension, pretrained or not, weights id, parameter count, source of each encoder.
-- :func:`throughput`: the encoder's forward ceiling on in-memory patches vs the full pipeline (image file to
-  cache) on one section, in one run on the same machine.
+- :func:`throughput`: the encoder's forward ceiling on in-memory patches (before and after) vs the full pipeline
+  (image file to cache) on one section, in one run on the same machine.
 - :func:`embedding_adata` + :func:`umap` (scanpy-style: AnnData first, results in ``obsm["X_umap"]``, params in
   ``uns["embedding_umap"]``) and :func:`section_mixing` (how much spots of different sections mix).
 - :func:`compare_encoders`: every encoder's embeddings through the same head (``ridge_cv`` from
@@ -72,8 +72,9 @@ def cpu_seconds() -> float:
 def forward_ceiling(encoder: VisionEncoder, samples: Sequence[Sample], *, spec: PatchSpec = PatchSpec(),
                     batch_size: int = 64, n_patches: int = 256, device: torch.device | str | None = None) -> Ceiling:
     """Throughput of the forward pass alone on real patches already decoded and normalised in memory
-    (after a warm-up batch), with the same precision, memory format and allocator setting as the pipeline."""
-    from histomoe_core.embed import malloc_for_inference, precision_for, resolve_device
+    (after a warm-up batch), with the same precision, memory format, CPU threads and allocator setting as the
+    pipeline."""
+    from histomoe_core.embed import embed_threads, fixed_threads, malloc_for_inference, precision_for, resolve_device
 
     dev = resolve_device(device)
     enc = encoder.to(dev).eval().to(memory_format=torch.channels_last)
@@ -87,7 +88,7 @@ def forward_ceiling(encoder: VisionEncoder, samples: Sequence[Sample], *, spec: 
         if n >= n_patches:
             break
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision_for(dev) == "bf16")
-    with torch.inference_mode(), autocast, malloc_for_inference():  # the same allocator setting as the pipeline
+    with torch.inference_mode(), autocast, malloc_for_inference(), fixed_threads(embed_threads(dev)):
         enc(batches[0])  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -104,9 +105,11 @@ def throughput(samples: SampleSet | Sequence[Sample], encoder: str | VisionEncod
                n_patches: int = 256, batch_size: int = 64, device: str | None = None) -> pd.Series:
     """Ceiling (forward on in-memory patches) and pipeline (image file -> cold cache) patches/s on one section.
 
-    ``section=None`` takes the section with the largest image file.
+    ``section=None`` takes the section with the largest image file. The ceiling is measured just before and
+    just after the pipeline and averaged (as ``benchmarks/bench_embed.py`` does over a whole dataset); the
+    first measurement also warms the encoder up, so the pipeline does not pay its first-call cost alone.
     """
-    from histomoe_core.embed import resolve_device, run_embedding
+    from histomoe_core.embed import embed_threads, resolve_device, run_embedding
 
     samples = list(samples)
     if section is None:
@@ -119,13 +122,14 @@ def throughput(samples: SampleSet | Sequence[Sample], encoder: str | VisionEncod
         one = next(s for s in samples if s.sample_id == section)
     enc = _quiet_create(encoder) if isinstance(encoder, str) else encoder
     dev = resolve_device(device)
+    before = forward_ceiling(enc, [one], batch_size=batch_size, n_patches=n_patches, device=dev).rate
     with temporary_cache():
         t0 = time.perf_counter()
         _, stats = run_embedding([one], enc, batch_size=batch_size, device=dev, progress=False)
         wall = time.perf_counter() - t0
-    ceil = forward_ceiling(enc, [one], batch_size=batch_size, n_patches=n_patches, device=dev).rate
-    pipe = stats.n_patches / wall
-    return pd.Series({"section": one.sample_id, "device": str(dev), "threads": torch.get_num_threads(),
+    after = forward_ceiling(enc, [one], batch_size=batch_size, n_patches=n_patches, device=dev).rate
+    ceil, pipe = (before + after) / 2, stats.n_patches / wall
+    return pd.Series({"section": one.sample_id, "device": str(dev), "threads": embed_threads(dev) or torch.get_num_threads(),
                       "ceiling_patches_per_s": ceil, "pipeline_patches_per_s": pipe, "ratio": pipe / ceil,
                       "pipeline_patches": stats.n_patches, "pipeline_seconds": wall}, name=enc.name)
 

@@ -91,19 +91,93 @@ def test_slide_batches_match_on_her2st(her2st):
 
 
 # ------------------------------------------------------------------------------------------------ results
-def test_patch_threads_give_the_same_embeddings(her2st, tmp_path, monkeypatch):
+def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The loop the pipeline overlaps, run in one thread: crop a batch, normalise it, embed it, next batch."""
+    from histomoe_core.embed import embed_threads, fixed_threads
+
+    enc = enc.eval().to(memory_format=torch.channels_last)
+    out = {}
+    with torch.inference_mode(), fixed_threads(embed_threads(torch.device("cpu"))):
+        for s in samples:
+            out[s.sample_id] = np.full((s.n_spots, enc.embed_dim), np.nan, np.float32)
+            for idx, batch in slide_batches(s, batch_size=batch_size):
+                out[s.sample_id][idx] = enc(enc.preprocess(batch)).numpy()
+    return out
+
+
+@pytest.mark.parametrize("threads", ["0", "1", "2"])
+def test_overlapped_pipeline_gives_exactly_the_serial_embeddings(her2st, tmp_path, monkeypatch, threads):
     samples = her2st.subset(["A1", "B4", "C3"])  # a PNG and two JPEG slides
     enc = create_encoder("tiny")
-    out = {}
-    for ahead in ("0", "2"):
-        monkeypatch.setenv("HISTOMOE_PATCH_THREADS", ahead)
-        monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / ahead))
-        out[ahead] = embed_samples(samples, enc, batch_size=64, progress=False)
-    assert all(np.array_equal(out["0"][k], out["2"][k]) for k in out["0"])
+    monkeypatch.setenv("HISTOMOE_PATCH_THREADS", threads)
+    monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / threads))
+    got = embed_samples(samples, enc, batch_size=64, progress=False)
+    want = serial(samples, enc)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_overlapped_pipeline_is_bit_identical_with_the_pretrained_encoder(toy, cache_home, monkeypatch):
+    enc = create_encoder("efficientnet_lite0")  # oneDNN convolutions, whose sums depend on the thread count
+    for threads in ("0", "1"):
+        monkeypatch.setenv("HISTOMOE_PATCH_THREADS", threads)
+        monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(cache_home / threads))
+        got = embed_samples(toy, enc, batch_size=8, progress=False)
+        want = serial(toy, enc, batch_size=8)
+        assert all(np.array_equal(got[k], want[k]) for k in want), threads
+
+
+def test_patch_threads_default(monkeypatch):
     import histomoe_core.embed as em
 
-    monkeypatch.delenv("HISTOMOE_PATCH_THREADS")
+    monkeypatch.delenv("HISTOMOE_PATCH_THREADS", raising=False)
     assert em.patch_threads(torch.device("cpu")) == 0 and em.patch_threads(torch.device("cuda")) >= 1
+    monkeypatch.setenv("HISTOMOE_PATCH_THREADS", "3")
+    assert em.patch_threads(torch.device("cpu")) == 3
+
+
+def _pipeline_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("histomoe-") and t.is_alive()]
+
+
+@pytest.mark.parametrize("threads", ["0", "2"])
+def test_prefetcher_ends_its_threads_when_a_slide_fails(toy, cache_home, monkeypatch, threads):
+    from histomoe_core.errors import DataError
+
+    monkeypatch.setenv("HISTOMOE_PATCH_THREADS", threads)
+    toy["S2"].image_path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="corrupt or not an image"):
+        embed_samples(toy, "tiny", batch_size=8, progress=False)
+    assert _pipeline_threads() == []
+
+
+@pytest.mark.parametrize("threads", ["0", "2"])
+def test_prefetcher_ends_its_threads_when_the_encoder_fails(toy, cache_home, monkeypatch, threads):
+    monkeypatch.setenv("HISTOMOE_PATCH_THREADS", threads)
+    enc = create_encoder("tiny")
+    calls = []
+
+    def failing(x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise RuntimeError("encoder failed")
+        return torch.zeros(len(x), enc.embed_dim)
+
+    enc.forward = failing
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        embed_samples(toy, enc, batch_size=4, progress=False)
+    assert _pipeline_threads() == []
+
+
+def test_prefetcher_stopped_early_joins_its_threads(toy):
+    from histomoe_core.embed_pipeline import Job, Prefetcher
+
+    jobs = [Job(s, None, np.arange(s.n_spots), np.arange(0), np.zeros((0, 16), np.float32)) for s in toy]
+    with Prefetcher(jobs, create_encoder("tiny"), PatchSpec(), batch_size=2, threads=2, depth=1) as pf:
+        j, idx, x = next(iter(pf))
+        assert j == 0 and len(idx) == 2 and x.shape == (2, 3, 224, 224)
+    assert _pipeline_threads() == []
 
 
 def test_embeddings_match_direct_computation_in_obs_order(toy, cache_home):

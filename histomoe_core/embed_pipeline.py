@@ -1,0 +1,224 @@
+"""The embedding pipeline: patches are prepared in background threads while the encoder runs, on CPU and GPU.
+
+:class:`Prefetcher` starts one producer thread (``histomoe-patches``) that walks the jobs in order: it decodes
+each slide, crops and resizes its patches in batches (:func:`~histomoe_core.data.patches.slide_batches`) and
+normalises them with the encoder's own ``preprocess`` into one contiguous tensor per batch. A bounded queue
+(``depth`` batches) hands them to the calling thread, which runs the forward pass. PIL and torch release the
+GIL, so the two overlap on a CPU too: while the encoder works on the last batches of a slide, the producer
+decodes the next one. ``threads`` > 0 adds helper threads (``histomoe-decode``: that many of the next slides
+decoded ahead; ``histomoe-crop``: the crops of a batch in parallel), which a GPU needs and a CPU does not
+(:func:`patch_threads`; ``benchmarks/bench_embed.py --patch-threads 0 1`` measures both).
+
+The patches, their order and the batches are those of the serial loop (``slide_batches`` then ``preprocess``
+then the encoder), so the embeddings are bit-identical to it for the same batch size and thread count
+(``tests/test_embed.py`` checks it). Closing the prefetcher (at the end, on an error on either side, or on
+``KeyboardInterrupt``) stops and joins every thread it started.
+
+:func:`run_jobs` is the consumer: forward pass, one cache chunk per batch, one finished file per sample.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from histomoe_core.data.patches import PatchSpec, open_slide, slide_batches
+from histomoe_core.data.sample import Sample
+from histomoe_core.embed_cache import CacheEntry, finalize, write_chunk
+from histomoe_core.encoders import VisionEncoder
+
+_DONE = object()
+
+
+class PatchReader(Protocol):
+    """A source of patches other than the sample's decoded image (see :func:`histomoe_core.embed.run_embedding`)."""
+
+    def batches(self, sample: Sample, spec: PatchSpec, *, batch_size: int,
+                indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def cache_id(self) -> str: ...
+
+
+@dataclass
+class Job:
+    """One sample to embed into its cache entry: what is already done and what this run adds."""
+
+    sample: Sample
+    entry: CacheEntry
+    expected: np.ndarray  #: spot indices that get a patch
+    done_idx: np.ndarray  #: spots read from the cache's chunk files (a resumed run)
+    done_emb: np.ndarray
+    new: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  #: (indices, embeddings) of this run
+    missing: np.ndarray = field(init=False)  #: spots to embed in this run (fixed when planned)
+
+    def __post_init__(self) -> None:
+        self.missing = np.setdiff1d(self.expected, self.done_idx)
+
+    def all_done(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and embeddings of every finished spot, concatenated once."""
+        return (np.concatenate([self.done_idx, *(i for i, _ in self.new)]),
+                np.concatenate([self.done_emb, *(z for _, z in self.new)]))
+
+
+def patch_threads(device: torch.device) -> int:
+    """Helper threads beside the producer: none on a CPU (the producer alone keeps the encoder fed, and more
+    threads only take cores from the forward pass and memory for slides decoded ahead), up to 4 on a GPU,
+    which one thread cannot keep busy. ``HISTOMOE_PATCH_THREADS`` overrides."""
+    env = os.environ.get("HISTOMOE_PATCH_THREADS")
+    if env:
+        return max(int(env), 0)
+    return 0 if device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+# ------------------------------------------------------------------------------------------------ producer
+class Prefetcher:
+    """Batches ``(job index, spot indices, normalised tensor)`` of every job, made in background threads.
+
+    Iterate inside a ``with`` block; a batch with ``idx`` None ends a job. An error in the producer is raised
+    in the iterating thread; leaving the block (normally or not) stops and joins every thread.
+    """
+
+    def __init__(self, jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int,
+                 threads: int = 0, pin: bool = False, reader: PatchReader | None = None, depth: int = 3) -> None:
+        self.jobs, self.encoder, self.spec, self.batch_size = jobs, encoder, spec, batch_size
+        self.threads, self.pin, self.reader = threads, pin, reader
+        self.waited_s = 0.0  #: time the iterating thread waited for a batch
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="histomoe-patches", daemon=True)
+
+    def __enter__(self) -> "Prefetcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the producer (it may be blocked on a full queue) and join it; it joins its helpers."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None, torch.Tensor | None]]:
+        while True:
+            t0 = time.perf_counter()
+            item = self._q.get()
+            self.waited_s += time.perf_counter() - t0
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    # -------------------------------------------------------------- producer thread
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        decoder = (ThreadPoolExecutor(self.threads, thread_name_prefix="histomoe-decode")
+                   if self.threads and self.reader is None else None)
+        crops = ThreadPoolExecutor(self.threads, thread_name_prefix="histomoe-crop") if self.threads else None
+        ahead: dict[int, Future] = {}
+        try:
+            self._produce_all(decoder, crops, ahead)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(exc)
+        finally:
+            for pool in (crops, decoder):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+            for f in ahead.values():  # slides decoded ahead but never used (stopped early)
+                if f.done() and not f.cancelled() and f.exception() is None and f.result() is not None:
+                    f.result().close()
+
+    def _produce_all(self, decoder: ThreadPoolExecutor | None, crops: ThreadPoolExecutor | None,
+                     ahead: dict[int, Future]) -> None:
+        todo = [j for j, job in enumerate(self.jobs) if len(job.missing)]
+        for j in todo[: self.threads if decoder is not None else 0]:
+            ahead[j] = decoder.submit(open_slide, self.jobs[j].sample)
+        for j, job in enumerate(self.jobs):
+            if len(job.missing):
+                opened = ahead.pop(j).result() if j in ahead else False
+                if decoder is not None:  # keep `threads` slides decoding ahead
+                    nxt = [k for k in todo if k > j and k not in ahead][: self.threads - len(ahead)]
+                    for k in nxt:
+                        ahead[k] = decoder.submit(open_slide, self.jobs[k].sample)
+                for idx, patches in self._batches(job, opened, crops):
+                    x = self.encoder.preprocess(patches)
+                    if not self._put((j, idx, x.pin_memory() if self.pin else x)):
+                        return
+            if not self._put((j, None, None)):
+                return
+        self._put(_DONE)
+
+    def _batches(self, job: Job, opened: object, crops: ThreadPoolExecutor | None):
+        if self.reader is not None:
+            return self.reader.batches(job.sample, self.spec, batch_size=self.batch_size, indices=job.missing)
+        return slide_batches(job.sample, self.spec, batch_size=self.batch_size, indices=job.missing,
+                             opened=opened, pool=crops)
+
+
+# ------------------------------------------------------------------------------------------------ consumer
+def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int, device: torch.device,
+             progress: bool, stats, between_samples: Callable[[], object] = lambda: None,
+             reader: PatchReader | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Embed the missing spots of every job (forward on ``device``), writing one chunk per batch and one
+    finished file per job; ``stats`` (an :class:`~histomoe_core.embed.EmbedStats`) gets the timings."""
+    from tqdm.auto import tqdm
+
+    from histomoe_core.embed import precision_for
+
+    out: dict[str, np.ndarray] = {}
+    total = int(sum(len(j.missing) for j in jobs))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision_for(device) == "bf16")
+    bar = tqdm(total=total, unit="patch", desc=f"embed {encoder.name}", disable=not progress or total == 0)
+    prefetch = Prefetcher(jobs, encoder, spec, batch_size=batch_size, reader=reader, pin=device.type == "cuda",
+                          threads=patch_threads(device) if threads is None else threads)
+    try:
+        with prefetch, torch.inference_mode(), autocast:
+            for j, idx, x in prefetch:
+                job = jobs[j]
+                if idx is None:
+                    out[job.sample.sample_id] = finalize(job.entry, job.sample, *job.all_done())
+                    between_samples()
+                    continue
+                t_fwd = time.perf_counter()
+                z = _forward(encoder, x, device, batch_size)
+                stats.forward_s += time.perf_counter() - t_fwd
+                write_chunk(job.entry, idx, z)
+                job.new.append((idx, z))
+                stats.n_patches += len(idx)
+                bar.update(len(idx))
+    finally:
+        stats.starved_s += prefetch.waited_s
+        bar.close()
+    return out
+
+
+def _forward(encoder: VisionEncoder, x: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
+    """(n, D) float32 embeddings of one batch; on a GPU a short batch is padded to one input shape (no new
+    kernel choice per section)."""
+    n = len(x)
+    if device.type == "cuda" and n < batch_size:
+        x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return encoder(x)[:n].float().cpu().numpy()
