@@ -78,6 +78,17 @@ def patch_threads(device: torch.device) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ producer
+def yield_to_encoder() -> None:
+    """Run the calling (patch) thread at idle priority (Linux ``SCHED_IDLE``): on a CPU the encoder's threads use
+    every core, and a patch thread preempting one of them stalls the others at their next synchronisation, so
+    decoding and cropping take the cores the encoder leaves idle (between batches, in its serial steps, or while
+    it waits for patches). A no-op where the platform has no such policy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 class Prefetcher:
     """Batches ``(job index, spot indices, normalised tensor)`` of every job, made in background threads.
 
@@ -134,6 +145,7 @@ class Prefetcher:
         return False
 
     def _produce(self) -> None:
+        yield_to_encoder()
         decoder = (ThreadPoolExecutor(self.threads, thread_name_prefix="histomoe-decode")
                    if self.threads and self.reader is None else None)
         crops = ThreadPoolExecutor(self.threads, thread_name_prefix="histomoe-crop") if self.threads else None
