@@ -299,19 +299,20 @@ glue("norm_intro", "The same comparison on log1p_norm targets, where the total c
      if len(targets) > 1 else "This run has log1p targets only (the book's default, to keep the build short); with "
      "log1p_norm added as the Targets bullet above says, this section compares the models on them, where the total "
      "counts of a spot no longer help.", display=False)
-glue("norm_verdict_text", "", display=False)
+norm_text = ""
 if len(targets) > 1:
     norm = summary[summary["target"] == targets[-1]].set_index("model")
     norm_best = norm.loc[baselines, "pearson"].idxmax()
     paired_norm = compare_to(run, model, [norm_best], target=targets[-1], n_boot=n_boot).loc[norm_best]
-    glue("norm_verdict_text", (
+    norm_text = (
         f"On {targets[-1]} the best baseline is {norm_best} ({norm.loc[norm_best, 'pearson']:.3f}) and histomoe "
         f"scores {norm.loc[model, 'pearson']:.3f}, a difference of {paired_norm['diff']:+.3f} "
         f"({paired_norm['ci_lo']:+.3f} to {paired_norm['ci_hi']:+.3f}): "
         + {"tie": "a tie", "better": "a win for histomoe", "worse": "a loss for histomoe"}[paired_norm["verdict"]]
         + ". What remains on these targets is the part of expression the image of a spot tells apart from its "
-        "neighbours', and on three patients with a frozen ImageNet encoder that part is small."), display=False)
+        "neighbours', and on three patients with a frozen ImageNet encoder that part is small.")
     display(fold_table(results, target=targets[-1]).round(3))
+glue("norm_verdict_text", norm_text, display=False)
 
 # %% [markdown]
 # {glue:text}`norm_verdict_text`
