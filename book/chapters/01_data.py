@@ -147,7 +147,7 @@ pqc_summary
 
 # %% [markdown]
 # The section with the most flagged patches, {glue:text}`qc_section`, has {glue:text}`qc_section_flagged` of
-# its {glue:text}`qc_section_spots` spots flagged. On her2st this is A2: its image is a 2000-pixel downscale whose
+# its {glue:text}`qc_section_spots` spots flagged. her2st's A2 is the known case: its image is a 2000-pixel downscale whose
 # background was masked black, and its spot coordinates do not register well with it, so a band of spots
 # lands on the black mask. The her2st loader can leave it out (`exclude_low_quality=True`).
 

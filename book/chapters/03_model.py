@@ -187,4 +187,4 @@ pd.Series({k: v for k, v in trained.cfg.as_dict().items() if v not in (None, 0, 
 # %%
 bench = make_config(dataset if dataset in PROFILES else "her2st")
 glue("bench_dataset", bench.dataset, display=False)
-candidate_table(bench.models["histomoe"])
+candidate_table(bench.models["histomoe"]).style.set_properties(**{"white-space": "normal"})  # descriptions in full

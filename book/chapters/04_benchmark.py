@@ -103,7 +103,7 @@ glue("n_train_patients", len(samples.patients) - 1, display=False)
 glue("cfg_n_genes", int(cfg["n_genes"]), display=False)
 glue("cfg_min_frac", f"{cfg['min_frac']:.0%}", display=False)
 glue("panel_rule", cfg["panel_rule"], display=False)
-glue("histomoe_candidates", ", ".join(f"`{c}`" for c in candidates), display=False)
+glue("histomoe_candidates", ", ".join(candidates), display=False)
 glue("norm_targets_note", " and log1p_norm, side by side, in this run" if len(targets) > 1 else ", only, in this run",
      display=False)
 pd.Series({"run": run.path.name, "folds": ", ".join(sorted(results["fold"].unique())),

@@ -72,7 +72,7 @@ tested = [c for c in sizes.index if c in table.index]
 glue("n_genes", int(cfg["n_genes"]), display=False)
 glue("n_folds", len(run.config["folds"]), display=False)
 glue("training_only", ", ".join(sorted(set(sizes.index) - set(tested))) or "none", display=False)
-glue("candidates", ", ".join(f"`{c}`" for c in cfg["models"][model].get("candidates", [model])), display=False)
+glue("candidates", ", ".join(cfg["models"][model].get("candidates", [model])), display=False)
 glue("n_contexts", len(sizes), display=False)
 glue("n_sections", len(samples), display=False)
 glue("run_seconds", float(run.config["seconds"]), display=False)
@@ -97,7 +97,7 @@ glue("best_pooled_r", float(table.loc["macro mean", best_pooled]), display=False
 glue("model_r", float(table.loc["macro mean", model]), display=False)
 glue("model_worst", float(table.loc["worst context", model]), display=False)
 glue("best_overall", str(order[0]), display=False)
-table[order].round(3)
+table[[model, *[m for m in order if m != model]]].round(3)  # histomoe first: the model the text discusses
 
 # %%
 fig = pl.contexts.context_bars(table.drop(index=["macro mean", "worst context"]),
@@ -165,7 +165,7 @@ glue("nmi_image", float(nmi.get(routed, float("nan"))), display=False)
 glue("nmi_free", float(nmi.get("moe_free_top2", float("nan"))), display=False)
 glue("nmi_guided", float(nmi.get("moe_meta_guided", float("nan"))), display=False)
 glue("goal_nmi", "reaches" if nmi.get(routed, 0) >= 0.9 else "does not reach", display=False)
-stats.round(3)
+stats.round(3).astype({c: int for c in ("experts_used", "n_spots") if c in stats.columns})
 
 # %%
 fig = pl.contexts.contingency_heatmap(dominant_counts(run, routed, target=target),

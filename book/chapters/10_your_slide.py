@@ -205,7 +205,7 @@ curves.round(4)
 # the section's own spots written as such a folder.
 
 # %%
-work = Path(tempfile.mkdtemp(prefix="histomoe-ch09-"))
+work = Path(tempfile.mkdtemp(prefix="histomoe-ch10-"))
 (work / "outs" / "spatial").mkdir(parents=True)
 pd.DataFrame({"barcode": sample.adata.obs_names, "in_tissue": 1, "array_row": 0, "array_col": 0,
               "pxl_row_in_fullres": sample.coords[:, 1], "pxl_col_in_fullres": sample.coords[:, 0]}).to_csv(

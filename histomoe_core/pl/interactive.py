@@ -236,7 +236,7 @@ def _gate_bars(df: pd.DataFrame, experts: Sequence[str], hover) -> alt.Chart:
 
 
 def routing_explorer(adata: ad.AnnData, sample: Sample, *, key: str = "histomoe", labels: str | None = None,
-                     image: tuple[np.ndarray, float] | None = None, width: int = 320) -> alt.HConcatChart:
+                     image: tuple[np.ndarray, float] | None = None, width: int = 260) -> alt.HConcatChart:
     """Spots over the H&E coloured by their dominant expert; click an expert in the legend to show only its
     spots; hover a spot for its gate weights (and label); the bars show the hovered spot's gate weights and,
     with ``labels``, the mean gate weight per label."""
@@ -264,5 +264,5 @@ def routing_explorer(adata: ad.AnnData, sample: Sample, *, key: str = "histomoe"
             color=alt.Color("mean(weight):Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="mean gate"),
             tooltip=[f"{labels}:N", "expert:N", alt.Tooltip("mean(weight):Q", format=".2f", title="mean gate"),
                      alt.Tooltip("count():Q", title="spots")],
-        ).properties(width=180, title=f"mean gate weight per {labels}"))
+        ).properties(width=150, title=f"mean gate weight per {labels}"))
     return alt.hconcat(spatial, alt.vconcat(*right).resolve_scale(color="independent")).resolve_scale(color="independent")
