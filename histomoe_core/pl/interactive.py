@@ -210,7 +210,7 @@ def spot_explorer(adata: ad.AnnData, sample: Sample, genes: Sequence[str], *, ke
                                              legend=alt.Legend(orient="bottom", direction="horizontal")),
                             alt.value("lightgrey")),
         tooltip=tips,
-    ).add_params(brush).properties(width=200, height=220, title="drag to select spots")
+    ).add_params(brush).properties(width=175, height=220, title="drag to select spots")
     bars = _gate_bars(df, experts, hover)
     return alt.vconcat(alt.hconcat(spatial, scatter), bars).add_params(gene, show).resolve_scale(color="independent")
 
