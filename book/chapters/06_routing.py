@@ -286,6 +286,7 @@ glue("gene_fold", gene_fold, display=False)
 glue("n_top", len(genes), display=False)
 glue("top_gene", genes[0], display=False)
 glue("top_gene_r", float(ranked.iloc[0]), display=False)
+glue("seed", seed, display=False)
 fig = pl.genes.measured_vs_predicted(gdata, samples[best], genes)
 
 # %%
@@ -306,8 +307,8 @@ fig = pl.genes.prediction_scatter(ho, genes, color_by="sample_id")
 
 # %% [markdown]
 # Over the pooled held-out spots of fold {glue:text}`gene_fold`, the best-predicted gene,
-# {glue:text}`top_gene`, reaches a Pearson r of {glue:text}`top_gene_r:.2f` (bars above; the benchmark's
-# baselines beside it). In the scatter plots, the predictions' spread is {glue:text}`sd_ratio:.0%` of the
+# {glue:text}`top_gene`, reaches a Pearson r of {glue:text}`top_gene_r:.2f` (mean over seeds; bars above, the
+# benchmark's baselines beside them; the maps' titles give one section's r for seed {glue:text}`seed`'s model). In the scatter plots, the predictions' spread is {glue:text}`sd_ratio:.0%` of the
 # measurements' (standard deviation over the held-out spots, median over these genes):
 # {glue:text}`sd_phrase`.
 #
