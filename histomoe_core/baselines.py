@@ -239,10 +239,10 @@ def top_k_order(sim: np.ndarray, k: int) -> np.ndarray:
     if k >= sim.shape[1]:
         return np.argsort(-sim, axis=1, kind="stable")[:, :k]
     part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    kth = np.take_along_axis(sim, part, 1).min(1, keepdims=True)
-    if ((sim == kth).sum(1) > (np.take_along_axis(sim, part, 1) == kth).sum(1)).any():  # a tie across the cut
-        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
     vals = np.take_along_axis(sim, part, 1)
+    kth = vals.min(1, keepdims=True)
+    if ((sim == kth).sum(1) > (vals == kth).sum(1)).any():  # a tie across the cut
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(part, np.lexsort((part, -vals), axis=1), 1)
 
 

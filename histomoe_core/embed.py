@@ -42,16 +42,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 @contextmanager
-def malloc_for_inference() -> Iterator[Callable[[], None]]:
+def malloc_for_inference() -> Iterator[bool]:
     """Serve large CPU tensors from the heap instead of fresh ``mmap`` pages while inside (Linux glibc).
 
     PyTorch CPU inference allocates activations of tens to hundreds of MB per layer; glibc maps each one
     freshly and the kernel zeroes its pages, which cost about 40 % of the CPU time of EfficientNet-Lite0 at
     batch 64 on a 2-core machine. Inside, mmap is off and freed memory (up to 2 GB) stays in the heap for reuse;
-    on exit glibc's defaults come back and free memory is returned to the system. Yields ``trim()``, which
-    returns free heap pages to the system now (a no-op when the tuning is off; the embedding loop does not call
-    it between samples, since re-faulting the activations' pages costs more than it saves).
-    ``HISTOMOE_MALLOC_TUNE=0`` turns the tuning off.
+    on exit glibc's defaults come back and free memory is returned to the system (not between samples: re-faulting
+    the activations' pages costs more than it saves). Yields whether the tuning applies; ``HISTOMOE_MALLOC_TUNE=0``
+    turns it off.
     """
     import os
     import sys
@@ -68,7 +67,7 @@ def malloc_for_inference() -> Iterator[Callable[[], None]]:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     applied = bool(libc is not None and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     try:
-        yield (lambda: libc.malloc_trim(0)) if applied else (lambda: None)
+        yield applied
     finally:
         if libc is not None:
             libc.mallopt(M_MMAP_MAX, 65536)

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -191,7 +191,7 @@ class Prefetcher:
 
 # ------------------------------------------------------------------------------------------------ consumer
 def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int, device: torch.device,
-             progress: bool, stats, between_samples: Callable[[], object] = lambda: None,
+             progress: bool, stats,
              reader: PatchReader | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
     """Embed the missing spots of every job (forward on ``device``), writing one chunk per batch and one
     finished file per job; ``stats`` (an :class:`~histomoe_core.embed.EmbedStats`) gets the timings."""
@@ -211,7 +211,6 @@ def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, ba
                 job = jobs[j]
                 if idx is None:
                     out[job.sample.sample_id] = finalize(job.entry, job.sample, *job.all_done())
-                    between_samples()
                     continue
                 t_fwd = time.perf_counter()
                 z = _forward(encoder, x, device, batch_size)

@@ -396,13 +396,13 @@ class HistoMoE(nn.Module):
         return self
 
     @torch.no_grad()
-    def retrieval_outputs(self, img_emb: Tensor, query_group: Tensor | None = None, *,
-                          batch_size: int = 1024) -> Tensor | None:
+    def retrieval_outputs(self, img_emb: Tensor, query_group: Tensor | None = None, *, batch_size: int = 1024,
+                          features: Tensor | None = None) -> Tensor | None:
         """The retrieval experts' predictions ``(B, K, G)`` (None without them). They depend on no trained
         parameter (fixed input transform, fixed bank), so a trainer computes them once per fit, not every epoch."""
         if self.retrieval is None:
             return None
-        x = self.input_norm(img_emb.float())
+        x = self.input_norm(img_emb.float()) if features is None else features
         return torch.cat([self.retrieval(x[s : s + batch_size],
                                          None if query_group is None else query_group[s : s + batch_size])
                           for s in range(0, len(x), batch_size)])

@@ -148,7 +148,8 @@ def with_fixed_inputs(model: nn.Module, t: dict[str, torch.Tensor], *, train: bo
         return t
     out = {**t, "features": model.features(t["x"])}
     if getattr(model, "retrieval", None) is not None:
-        out["retrieval_train" if train else "retrieval"] = model.retrieval_outputs(t["x"], t["group"] if train else None)
+        out["retrieval_train" if train else "retrieval"] = model.retrieval_outputs(
+            t["x"], t["group"] if train else None, features=out["features"])
     return out
 
 
