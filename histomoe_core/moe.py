@@ -262,6 +262,9 @@ class LinearExperts(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, D) -> (B, E, G)
         return torch.einsum("bd,edg->beg", x, self.weight) + self.bias
 
+    def one(self, e: int, x: Tensor) -> Tensor:  # expert e on (B, D) -> (B, G)
+        return x @ self.weight[e] + self.bias[e]
+
     @torch.no_grad()
     def init_from(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Start every expert from one linear solution ``weight (D, G)``, ``bias (G,)`` (e.g. a ridge fit)."""
@@ -284,6 +287,26 @@ class MLPExperts(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.drop(F.gelu(torch.einsum("bd,edh->beh", x, self.w1) + self.b1))
         return torch.einsum("beh,ehg->beg", h, self.w2) + self.b2
+
+    def one(self, e: int, x: Tensor) -> Tensor:  # expert e on (B, D) -> (B, G)
+        return self.drop(F.gelu(x @ self.w1[e] + self.b1[e])) @ self.w2[e] + self.b2[e]
+
+
+def routed_expert_preds(experts: nn.Module, x: Tensor, active: Tensor, out_dim: int) -> Tensor:
+    """``experts(x)`` (B, E, G) computed only where ``active`` (B, E) is True, zeros elsewhere. Under top-k routing
+    a spot's gates are zero outside its k experts, so the mixture and its gradients are those of the dense
+    computation at about k / E of its cost."""
+    spot, expert = active.nonzero(as_tuple=True)
+    if len(spot) == 0:
+        return x.new_zeros(x.shape[0], active.shape[1], out_dim)
+    rows, cols, vals = [], [], []
+    for e in torch.unique(expert).tolist():
+        mine = spot[expert == e]
+        rows.append(mine)
+        cols.append(torch.full_like(mine, e))
+        vals.append(experts.one(e, x[mine]))
+    out = x.new_zeros(x.shape[0], active.shape[1], out_dim)
+    return out.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(vals).to(out.dtype))
 
 
 class RetrievalExpert(nn.Module):
@@ -427,7 +450,11 @@ class HistoMoE(nn.Module):
         if self.spatial_norm is not None and spatial_emb is not None:
             spatial = self.spatial_norm(spatial_emb.float())
         logits, gates, dispatch = self.router(x, meta_emb, spatial)
-        expert_preds = self.experts(self.input_drop(x))
+        if self.training and self.cfg.top_k is not None and hasattr(self.experts, "one"):  # only the routed experts
+            expert_preds = routed_expert_preds(self.experts, self.input_drop(x), dispatch[:, : self.cfg.n_experts] > 0,
+                                               self.cfg.n_genes)
+        else:
+            expert_preds = self.experts(self.input_drop(x))
         if self.retrieval is not None:
             if retrieval_preds is None:
                 retrieval_preds = self.retrieval(x, query_group)

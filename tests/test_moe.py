@@ -267,3 +267,41 @@ def test_precomputed_retrieval_outputs_and_features_give_the_same_forward():
         moved = m(x, meta, ctx, query_group=q_group if train else None, retrieval_preds=known + 1.0)
         assert torch.allclose(moved.expert_preds[:, -2:], known + 1.0)  # what is passed is what is used
     assert make(retrieval_k=0).retrieval_outputs(x) is None
+
+
+@pytest.mark.parametrize("expert", ["mlp", "linear"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_top_k_training_computes_only_routed_experts_with_the_dense_result(expert, k, monkeypatch):
+    """Under top-k routing a training step evaluates only the k routed experts of each spot; the prediction, the
+    loss and every gradient equal those of the dense computation of all experts."""
+    from histomoe_core import moe as moe_mod
+
+    x, meta, ctx = batch()
+    y = torch.randn(B, G, generator=torch.Generator().manual_seed(5))
+    routed = moe_mod.routed_expert_preds
+    pairs = []
+
+    def counted(experts, x_, active, out_dim):
+        pairs.append(int(active.sum()))
+        return routed(experts, x_, active, out_dim)
+
+    def dense(experts, x_, active, out_dim):  # the computation before: every expert on every spot
+        return experts(x_)
+
+    results = []
+    for impl in (counted, dense):
+        monkeypatch.setattr(moe_mod, "routed_expert_preds", impl)
+        m = make(n_experts=4, top_k=k, expert=expert, dropout=0.0, router_input="both").train()
+        out = m(x, meta, ctx)
+        loss, _ = m.loss(out, y)
+        loss.backward()
+        results.append((out.pred.detach(), loss.item(), {n: p.grad for n, p in m.named_parameters()}))
+    assert pairs == [B * k]  # B * k (spot, expert) pairs evaluated, against B * 4 densely
+    (p1, l1, g1), (p0, l0, g0) = results
+    assert torch.allclose(p1, p0, atol=1e-5) and math.isclose(l1, l0, rel_tol=1e-5)
+    assert g1.keys() == g0.keys()
+    for name in g1:
+        assert (g1[name] is None) == (g0[name] is None), name
+        if g1[name] is not None:
+            assert torch.allclose(g1[name], g0[name], atol=1e-5), name
+    assert g1["experts.bias" if expert == "linear" else "experts.b2"].abs().sum() > 0  # experts did learn
