@@ -13,6 +13,7 @@ With the workers gone, multiprocessing's resource tracker (kept alive by their i
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -74,18 +75,24 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+#: pools kept open by ``worker_pool(keep=True)``, by their arguments
+_KEPT: dict[tuple, ProcessPoolExecutor] = {}
+
+
 @contextmanager
 def worker_pool(n_workers: int, *, initializer: Callable[..., Any] | None = None,
-                initargs: Sequence[Any] = ()) -> Iterator[ProcessPoolExecutor]:
+                initargs: Sequence[Any] = (), keep: bool = False) -> Iterator[ProcessPoolExecutor]:
     """A spawn pool of ``n_workers`` processes that end with this process (see the module docstring).
 
-    On a normal exit the pool is shut down waiting for its tasks; on an exception, Ctrl-C or SIGTERM its
-    workers are killed first.
+    On a normal exit the pool is shut down waiting for its tasks, or with ``keep`` left running for the next
+    ``keep`` call with the same arguments (a notebook runs several benchmarks, and starting workers costs seconds
+    each time; kept pools close when this process exits). On an exception, Ctrl-C or SIGTERM its workers are
+    killed first.
     """
-    import multiprocessing as mp
-
-    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                               initargs=(os.getpid(), initializer, tuple(initargs)))
+    key = (n_workers, initializer, tuple(initargs))
+    pool = _KEPT.pop(key, None) if keep else None
+    if pool is None:
+        pool = _new_pool(n_workers, initializer, initargs)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
@@ -94,7 +101,26 @@ def worker_pool(n_workers: int, *, initializer: Callable[..., Any] | None = None
         kill_workers(pool)
         raise
     else:
-        pool.shutdown(wait=True)
+        if keep:
+            _KEPT[key] = pool
+        else:
+            pool.shutdown(wait=True)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _new_pool(n_workers: int, initializer: Callable[..., Any] | None, initargs: Sequence[Any]) -> ProcessPoolExecutor:
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                               initargs=(os.getpid(), initializer, tuple(initargs)))
+
+
+def close_kept_pools() -> None:
+    """Shut down the pools ``worker_pool(keep=True)`` left running (also done when this process exits)."""
+    while _KEPT:
+        _KEPT.popitem()[1].shutdown(wait=True)
+
+
+atexit.register(close_kept_pools)

@@ -532,3 +532,30 @@ def test_killed_benchmark_leaves_no_worker(sig, tmp_path_factory, tmp_path):
         for p in [proc.pid, *kids]:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def _pid(_: int = 0) -> int:
+    return os.getpid()
+
+
+def test_kept_pool_is_reused_and_an_error_kills_it():
+    from histomoe_core.workers import _KEPT, worker_pool
+
+    with worker_pool(1, keep=True) as first:
+        pid = first.submit(_pid).result()
+    with worker_pool(1, keep=True) as again:  # the same workers, not started again
+        assert again is first and again.submit(_pid).result() == pid
+    with pytest.raises(RuntimeError, match="boom"):
+        with worker_pool(1, keep=True) as pool:
+            pool.submit(_pid).result()
+            raise RuntimeError("boom")
+    assert not _KEPT  # the failed pool is not kept ...
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)  # ... and its worker is gone
+    with worker_pool(1, keep=True) as fresh:
+        assert fresh is not first and fresh.submit(_pid).result() != pid
+    with worker_pool(1) as plain:  # without keep: a pool of its own, shut down on exit
+        assert plain is not fresh
+    assert list(_KEPT.values()) == [fresh]

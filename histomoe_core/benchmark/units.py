@@ -216,7 +216,8 @@ def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threa
         from histomoe_core.workers import worker_pool
 
         # workers end with this process (SIGKILL, SIGTERM, errors): see histomoe_core.workers
-        with worker_pool(min(n_jobs, len(jobs)), initializer=_worker_init, initargs=(threads,)) as pool:
+        # n_jobs workers even for fewer jobs: the pool is kept for the run's next phase and the next runs
+        with worker_pool(n_jobs, initializer=_worker_init, initargs=(threads,), keep=True) as pool:
             futures = {pool.submit(j.fn, *j.args): j for j in jobs}
             for f in as_completed(futures):
                 if f.exception() is not None:
