@@ -209,3 +209,26 @@ def test_cli_summary(capsys):
     for section, spots in {"B4": 283, "C6": 178, "A1": 346}.items():
         assert any(line.startswith(section) and f" {spots} " in line for line in out.splitlines())
     assert main(["data", "verify", "her2st"]) == 0
+
+
+def test_max_spots_keeps_a_seeded_subset_in_order():
+    from histomoe_core.data import load_dataset
+
+    opts = dict(n_organs=2, patients_per_organ=1, spots_per_section=36, n_genes=8, patch_px=16)
+    full = load_dataset("synthetic", **opts)
+    capped, again = load_dataset("synthetic", max_spots=20, **opts), load_dataset("synthetic", max_spots=20, **opts)
+    for f, c, a in zip(full, capped, again):
+        assert c.n_spots == 20 and c.meta["n_spots_total"] == f.n_spots == 36
+        assert list(c.adata.obs_names) == list(a.adata.obs_names)  # the same subset on every load
+        pos = f.adata.obs_names.get_indexer(c.adata.obs_names)
+        assert (pos >= 0).all() and (np.diff(pos) > 0).all()  # a subset, in the section's order
+        np.testing.assert_array_equal(c.coords, f.coords[pos])
+        np.testing.assert_array_equal(c.adata.X.toarray() if sp.issparse(c.adata.X) else c.adata.X,
+                                      (f.adata.X.toarray() if sp.issparse(f.adata.X) else f.adata.X)[pos])
+    # sections of different ids draw different subsets; a cap above the size keeps the section as it is
+    drawn = [f.adata.obs_names.get_indexer(c.adata.obs_names) for f, c in zip(full, capped)]
+    assert not np.array_equal(drawn[0], drawn[1])
+    whole = load_dataset("synthetic", max_spots=36, **opts)[0]
+    assert whole.n_spots == 36 and "n_spots_total" not in whole.meta
+    with pytest.raises(DataError, match="max_spots must be a positive whole number"):
+        load_dataset("synthetic", max_spots=0, **opts)

@@ -46,6 +46,7 @@ epochs = None  # None: the benchmark's default
 n_seeds = 1  # neural models' seeds (the tissues profile's default is 2: -p n_seeds=2, about 1.5x the time)
 tissues = "tissues"  # the multi-context benchmark profile (synthetic-tissues on the smoke profile)
 tissues_overrides = {}  # further BenchmarkConfig fields for it
+max_spots = 1000  # spots kept per section (a seeded random subset of larger ones; None: all, about 1.5x the time)
 model = "histomoe"
 singles = ["ridge_cv", "knn", "mlp", "per_context"]  # the single models the mixtures are compared with
 routed = "moe_image"  # the mixture whose routing is opened (its router reads only the image)
@@ -61,8 +62,8 @@ from histomoe_core import pl, tl
 from histomoe_core.benchmark.compare import compare_to, context_sizes, per_context_table, versus_best_single
 from histomoe_core.benchmark.routing import dominant_counts, expert_usage, routing_stats, top_spots
 
-run = tl.load_run(tissues, encoder=encoder, text_encoder=text_encoder, epochs=epochs, n_seeds=n_seeds,
-                  progress=False, **tissues_overrides)
+run = tl.load_run(tissues, dataset_options={"max_spots": max_spots}, encoder=encoder, text_encoder=text_encoder,
+                  epochs=epochs, n_seeds=n_seeds, progress=False, **tissues_overrides)
 cfg = run.config["config"]
 target = cfg["targets"][0]
 samples = tl.run_samples(run)
@@ -76,11 +77,15 @@ glue("candidates", ", ".join(cfg["models"][model].get("candidates", [model])), d
 glue("n_contexts", len(sizes), display=False)
 glue("n_sections", len(samples), display=False)
 glue("run_seconds", float(run.config["seconds"]), display=False)
+capped = [f"{s.sample_id} ({s.meta['n_spots_total']:,} spots)" for s in samples if "n_spots_total" in s.meta]
+glue("capped_text", (f"Sections with more than {max_spots} spots are cut to a seeded random {max_spots} of them so "
+                     f"the chapter runs in minutes (`-p max_spots=None` keeps all): {', '.join(capped)}."
+                     if capped else "Every section keeps all its spots."), display=False)
 sizes.assign(train_spots=sizes["train_spots"].round(0).astype(int))
 
 # %% [markdown]
 # {glue:text}`n_sections` sections in {glue:text}`n_contexts` contexts; `train_spots` is the mean number of
-# training spots of a context over the folds.
+# training spots of a context over the folds. {glue:text}`capped_text`
 #
 # ## Per context
 #
@@ -196,7 +201,8 @@ fig = pl.routing.expert_montage(samples, top_spots(run, routed, target=target, n
 # tissue with the other genes. The routing table shows which experts the held-out spots were sent to.
 
 # %%
-lco = tl.load_run(tissues, encoder=encoder, text_encoder=text_encoder, epochs=epochs, n_seeds=1, progress=False,
+lco = tl.load_run(tissues, dataset_options={"max_spots": max_spots}, encoder=encoder, text_encoder=text_encoder,
+                  epochs=epochs, n_seeds=1, progress=False,
                   **{**tissues_overrides, "scheme": "leave_context_out", "models": lco_models})
 lco_table = per_context_table(lco, target=target).drop(index=["macro mean", "worst context"])
 cost = (table.loc[lco_table.index.intersection(table.index), lco_models] - lco_table[lco_models]).add_prefix("cost ")

@@ -6,7 +6,8 @@ metadata. A :class:`SampleSet` is an ordered collection with a HEST-style metada
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -121,6 +122,29 @@ class SampleSet:
 
     def subset(self, ids: Sequence[str]) -> "SampleSet":
         return SampleSet(self.name, [self[i] for i in ids])
+
+    def cap_spots(self, max_spots: int) -> "SampleSet":
+        """The same sections with at most ``max_spots`` spots each: a uniform random subset of a larger section's
+        spots (seeded by its id, so the same on every run and machine), kept in their original order. A section's
+        ``meta["n_spots_total"]`` keeps how many spots it had."""
+        max_spots = check_max_spots(max_spots)
+        return SampleSet(self.name, [_capped(s, max_spots) for s in self.samples])
+
+
+def check_max_spots(max_spots) -> int:
+    """``max_spots`` as an int; a clear error unless it is a positive whole number."""
+    if isinstance(max_spots, bool) or not isinstance(max_spots, (int, np.integer)) or max_spots < 1:
+        raise DataError(f"max_spots must be a positive whole number of spots per section, got {max_spots!r}")
+    return int(max_spots)
+
+
+def _capped(sample: Sample, max_spots: int) -> Sample:
+    """``sample`` with a seeded uniform subset of ``max_spots`` of its spots (itself when it has no more)."""
+    if sample.n_spots <= max_spots:
+        return sample
+    rng = np.random.default_rng(zlib.crc32(sample.sample_id.encode()))
+    keep = np.sort(rng.choice(sample.n_spots, size=max_spots, replace=False))
+    return replace(sample, adata=sample.adata[keep].copy(), meta={**sample.meta, "n_spots_total": sample.n_spots})
 
 
 def total_counts(adata: ad.AnnData) -> np.ndarray:

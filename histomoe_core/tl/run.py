@@ -143,7 +143,8 @@ def load_run(dataset: str, *, dataset_options: dict | None = None, encoder: str 
     """The benchmark run for book parameters: reloaded when it exists, else run (and cached).
 
     ``dataset`` names a benchmark profile (``her2st``, ``synthetic``, ``hest``); the other arguments override the
-    profile only when given (None keeps its value): ``epochs`` the training epochs, ``n_seeds`` the seeds 0..n-1.
+    profile only when given (None keeps its value): ``epochs`` the training epochs, ``n_seeds`` the seeds 0..n-1,
+    ``dataset_options`` update the profile's (e.g. ``{"max_spots": 1000}``, :func:`~histomoe_core.data.load_dataset`).
     ``run_name`` opens that finished run folder instead (see :func:`open_run`).
     """
     from histomoe_core.benchmark import PROFILES, TRAIN, run_benchmark
@@ -154,8 +155,9 @@ def load_run(dataset: str, *, dataset_options: dict | None = None, encoder: str 
     if dataset not in PROFILES:
         raise HistoMoEError(f"no benchmark profile for dataset {dataset!r}; profiles: {', '.join(PROFILES)}")
     kw = dict(overrides)
-    if dataset_options:
-        kw["dataset_options"] = dict(dataset_options)
+    if dataset_options:  # on top of the profile's own options; a None value drops an option
+        options = {**dict(PROFILES[dataset].get("dataset_options") or {}), **dict(dataset_options)}
+        kw["dataset_options"] = {k: v for k, v in options.items() if v is not None}
     if epochs is not None:
         kw["train"] = {**TRAIN, **dict(PROFILES[dataset].get("train") or {}), "epochs": int(epochs)}
     if n_seeds is not None:
