@@ -25,9 +25,11 @@ from histomoe_core.data.patches import (  # noqa: F401  (open_slide, slide_batch
     PatchSpec, crop_boxes, image_size, in_image, open_slide, slide_batches,
 )
 from histomoe_core.data.sample import Sample
-from histomoe_core.embed_cache import CacheEntry, encoder_key, locked, read_card, read_chunks, read_final, write_card
+from histomoe_core.embed_cache import (CacheEntry, encoder_key, locked, read_card, read_chunks, read_final,
+                                       read_text_vector, write_card, write_text_vector)
 from histomoe_core.embed_pipeline import Job as _Job, PatchReader, patch_threads, run_jobs  # noqa: F401  (re-exported)
 from histomoe_core.encoders import TextEncoder, VisionEncoder, create_encoder, create_text_encoder, metadata_text
+from histomoe_core.encoders.text import TEXT_ENCODERS
 
 # ------------------------------------------------------------------------------------------------ devices
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -304,10 +306,24 @@ def embed_metadata(samples: Iterable[Sample], encoder: str | TextEncoder = "mini
     ``onehot`` fits its vocabulary on the strings of ``samples`` (one dimension per distinct context).
     """
     samples = list(samples)
-    enc = _text_encoder(encoder) if isinstance(encoder, str) else encoder
     texts = [metadata_text(s, fields) for s in samples]
-    vecs = enc.encode(texts)
+    vecs = encode_texts(texts, encoder)
     return {s.sample_id: np.asarray(v, np.float32) for s, v in zip(samples, vecs)}
+
+
+def encode_texts(texts: Sequence[str], encoder: str | TextEncoder = "minilm") -> np.ndarray:
+    """``(n, dim)`` vectors of ``texts``. A named encoder with a ``cache_id`` encodes each distinct text once, alone
+    (so its vector does not depend on the other texts), and keeps it in the embedding cache: later calls read it
+    without loading the encoder (MiniLM takes ~10 s to load)."""
+    cid = TEXT_ENCODERS.get(encoder).cache_id() if isinstance(encoder, str) and encoder in TEXT_ENCODERS else None
+    if cid is None:
+        return (_text_encoder(encoder) if isinstance(encoder, str) else encoder).encode(list(texts))
+    found = {t: v for t in dict.fromkeys(texts) if (v := read_text_vector(cid, t)) is not None}
+    for t in dict.fromkeys(texts):
+        if t not in found:
+            found[t] = _text_encoder(encoder).encode([t])[0]
+            write_text_vector(cid, t, found[t])
+    return np.stack([found[t] for t in texts]).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
 
 
 def metadata_strings(samples: Iterable[Sample], *, fields: Sequence[str] | None = None) -> Mapping[str, str]:

@@ -263,3 +263,23 @@ def write_card(name: str, encoder: VisionEncoder) -> None:
         json.dump({"name": encoder.name, "embed_dim": encoder.embed_dim, "pretrained": encoder.pretrained,
                    "cache_id": encoder.cache_id()}, f)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ text vectors
+def _text_path(encoder_id: str, text: str) -> Path:
+    return embeddings_root() / "text" / _slug(encoder_id) / f"{content_key(encoder_id, text, FORMAT_VERSION)}.npz"
+
+
+def read_text_vector(encoder_id: str, text: str) -> np.ndarray | None:
+    """The cached vector of ``text`` under a text encoder's :meth:`~histomoe_core.encoders.text.TextEncoder.cache_id`,
+    or None (absent; corrupt files are removed)."""
+    path = _text_path(encoder_id, text)
+    if not path.exists():
+        return None
+    found = _read(path, f"{encoder_id}/{text}", ("vec",))
+    return None if found is None else found["vec"]
+
+
+def write_text_vector(encoder_id: str, text: str, vec: np.ndarray) -> None:
+    atomic_savez(_text_path(encoder_id, text), vec=np.asarray(vec, np.float32), key=np.array(f"{encoder_id}/{text}"))
+

