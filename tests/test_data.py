@@ -232,3 +232,31 @@ def test_max_spots_keeps_a_seeded_subset_in_order():
     assert whole.n_spots == 36 and "n_spots_total" not in whole.meta
     with pytest.raises(DataError, match="max_spots must be a positive whole number"):
         load_dataset("synthetic", max_spots=0, **opts)
+
+
+def test_a_dataset_of_files_is_parsed_once_until_one_of_its_files_changes(tmp_path, monkeypatch):
+    """Loads of a downloaded dataset after the first are copies from memory; a changed file (size or time) or
+    another copy of the data parses again."""
+    import shutil
+
+    from histomoe_core.data import load_dataset, sources
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(DEFAULT_MIRROR / "spacest", mirror / "spacest")
+    monkeypatch.setenv("HISTOMOE_MIRRORS", str(mirror))
+    monkeypatch.setattr(sources, "_LOADED", type(sources._LOADED)())
+    parsed = []
+    loader = sources.SOURCES.get("spacest")
+    monkeypatch.setitem(sources.SOURCES._factories, "spacest", lambda **kw: parsed.append(kw) or loader(**kw))
+    a, b = load_dataset("spacest"), load_dataset("spacest")
+    c = load_dataset("spacest", max_spots=50)
+    assert len(parsed) == 1 and c[0].n_spots == 50
+    assert a[0].adata is not b[0].adata and (a[0].adata.X != b[0].adata.X).nnz == 0
+    a[0].adata.obs["edited"] = 1
+    a[0].meta["edited"] = 1
+    d = load_dataset("spacest")  # a caller's edits never reach the next caller
+    assert "edited" not in d[0].adata.obs and "edited" not in d[0].meta
+    first = mirror / "spacest" / load_manifest("spacest").files_of(None)[0].path
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    load_dataset("spacest")
+    assert len(parsed) == 2
