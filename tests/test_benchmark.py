@@ -203,3 +203,12 @@ def test_stratified_folds_hold_out_every_organ(synthetic):
     for f in folds:
         assert {organ[i] for i in f.test} == set(organ.values())
         assert not {patient[i] for i in f.test} & {patient[i] for i in f.train}
+
+
+def test_job_cost_orders_inner_cv_then_neural_then_closed_form_fits():
+    from histomoe_core.benchmark.models import MODELS, TISSUE_MODELS
+    from histomoe_core.benchmark.units import job_cost
+
+    assert job_cost(MODELS["histomoe"]) == 4 * 10 * 3  # four neural candidates, three inner folds
+    assert job_cost(MODELS["histomoe"]) > job_cost(MODELS["mlp"]) > job_cost(TISSUE_MODELS["mlp"]) \
+        > job_cost(MODELS["ridge_cv"]) > job_cost(TISSUE_MODELS["ridge_cv"]) == 1.0

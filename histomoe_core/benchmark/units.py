@@ -107,6 +107,14 @@ class Job:
     label: str
     fn: Callable
     args: tuple
+    cost: float = 1.0  #: a rough relative cost: longest first, so a worker is not left alone with a long last fit
+
+
+def job_cost(spec: Mapping[str, Any]) -> float:
+    """Relative cost of fitting ``spec`` (a selection: every candidate in every inner fold): neural models ~10x."""
+    if is_selection(spec):
+        return sum(job_cost(c) for c in spec["candidates"].values()) * int(spec.get("inner_folds", 3))
+    return 1.0 if is_deterministic(spec) else 10.0
 
 
 class Plan:
@@ -169,7 +177,7 @@ class Plan:
             out = self._selection_dir(target, fold, name, spec, genes)
             if not cache.intact(out, "model selection"):
                 jobs.append(Job(f"{target} {fold.name} {name} inner CV", select_unit,
-                                (self.cfg, name, spec, self.data(target, fold)[0], out)))
+                                (self.cfg, name, spec, self.data(target, fold)[0], out), job_cost(spec)))
         return jobs
 
     def fit_jobs(self) -> tuple[dict[tuple[str, str, str, int], Path], list[Job]]:
@@ -192,7 +200,7 @@ class Plan:
                     planned.add(unit)
                     train, test = self.data(target, fold)
                     jobs.append(Job(f"{target} {fold.name} {name} s{seed}", fit_unit,
-                                    (self.cfg, name, spec, train, test, seed, unit)))
+                                    (self.cfg, name, spec, train, test, seed, unit), job_cost(spec)))
                 for s_ in (self.cfg.seeds if det else [seed]):
                     done[(target, fold.name, name, s_)] = unit
         return done, jobs
@@ -218,7 +226,7 @@ def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threa
         # workers end with this process (SIGKILL, SIGTERM, errors): see histomoe_core.workers
         # n_jobs workers even for fewer jobs: the pool is kept for the run's next phase and the next runs
         with worker_pool(n_jobs, initializer=_worker_init, initargs=(threads,), keep=True) as pool:
-            futures = {pool.submit(j.fn, *j.args): j for j in jobs}
+            futures = {pool.submit(j.fn, *j.args): j for j in sorted(jobs, key=lambda j: -j.cost)}
             for f in as_completed(futures):
                 if f.exception() is not None:
                     pool.shutdown(wait=True, cancel_futures=True)  # let running fits finish
