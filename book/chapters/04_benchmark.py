@@ -330,6 +330,7 @@ glue("norm_verdict_text", norm_text, display=False)
 from histomoe_core import pl
 from histomoe_core.benchmark.compare import versus
 from histomoe_core.benchmark.context_runs import CombinedRuns
+from histomoe_core.spatial_context import WIDE_UM
 
 ctx_runs = {"none": tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
                                 n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False,
@@ -347,7 +348,8 @@ scores = pd.DataFrame({label: r.summary.set_index("model")["pearson"] for label,
 best_gain = gains["diff"].astype(float).idxmax()
 glue("ring_radii", " and ".join(str(r) for r in next(iter(spatial_contexts.values()))["neighbours"]["radius_um"]),
      display=False)
-glue("wide_um", "336", display=False)
+glue("wide_um", " and ".join(sorted({f"{spec['wide'].get('size_um', WIDE_UM):g}" for spec in spatial_contexts.values()
+                                     if "wide" in spec})), display=False)
 glue("ctx_best_label", best_gain[0], display=False)
 glue("ctx_best_model", best_gain[1], display=False)
 glue("ctx_best_gain", float(gains.loc[best_gain, "diff"]), display=False)
