@@ -98,15 +98,17 @@ class CacheEntry:
         return cls(sample.sample_id, f"{enc_key}/{skey}", folder / f"{stem}.npz", folder / f"{stem}.part")
 
 
-def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """Write an ``.npz`` under a temporary name in the same folder, then rename it into place."""
+def atomic_savez(path: Path, *, durable: bool = True, **arrays: np.ndarray) -> None:
+    """Write an ``.npz`` under a temporary name in the same folder, then rename it into place; ``durable``: flushed
+    to disk first (a chunk need not be: after a crash a lost or torn chunk is found by its checks and recomputed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -194,7 +196,7 @@ def locked(entries: Sequence[CacheEntry], on_wait: Callable[[str], None] = lambd
 
 def write_chunk(entry: CacheEntry, idx: np.ndarray, emb: np.ndarray) -> None:
     name = f"chunk-{int(idx[0]):07d}-{uuid.uuid4().hex[:8]}.npz"
-    atomic_savez(entry.part_dir / name, idx=np.asarray(idx, np.int64), emb=np.asarray(emb, np.float32),
+    atomic_savez(entry.part_dir / name, durable=False, idx=np.asarray(idx, np.int64), emb=np.asarray(emb, np.float32),
                  key=np.array(entry.key))
 
 
@@ -282,4 +284,3 @@ def read_text_vector(encoder_id: str, text: str) -> np.ndarray | None:
 
 def write_text_vector(encoder_id: str, text: str, vec: np.ndarray) -> None:
     atomic_savez(_text_path(encoder_id, text), vec=np.asarray(vec, np.float32), key=np.array(f"{encoder_id}/{text}"))
-
