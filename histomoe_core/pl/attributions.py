@@ -63,13 +63,13 @@ def attribution_overlay(
             ax.imshow(rgba)
             cb = fig.colorbar(plt.cm.ScalarMappable(TwoSlopeNorm(0.0, -lim, lim), "RdBu_r"), ax=ax, fraction=0.046,
                               pad=0.02, ticks=[-lim, 0, lim], format="%.1e")
-            cb.ax.tick_params(labelsize=6)
+            cb.ax.tick_params(labelsize=style.SMALL_PT)
             if j == len(results):
-                cb.set_label("attribution (clear: weak)", fontsize=7)
+                cb.set_label("attribution (clear: weak)", fontsize=style.SMALL_PT)
             label = f"out {r.output[i]:.2f} (base {r.baseline_output[i]:.2f})"
             if r.delta is not None:
                 label += f"\ndelta {r.delta[i]:+.1e}"
-            ax.set_xlabel(label, fontsize=7)
+            ax.set_xlabel(label, fontsize=style.SMALL_PT)
     axes[0, 0].set_title("H&E patch", fontsize=9)
     for j, r in enumerate(results, start=1):
         what = f"gene {r.target_name}" if r.of == "gene" else f"gate of {r.target_name}"
@@ -98,6 +98,6 @@ def convergence(deltas: dict, *, title: str = "Integrated Gradients convergence"
     ax.set_yscale("log")
     ax.set_xlabel("IG steps")
     ax.set_ylabel("|delta| / |f(x) - f(baseline)|")
-    ax.legend(frameon=False, fontsize=7)
+    ax.legend(frameon=False, fontsize=style.SMALL_PT)
     ax.set_title(title, fontsize=10)
     return fig

@@ -25,7 +25,7 @@ def context_bars(table: pd.DataFrame, *, models: Sequence[str] | None = None, ti
     ax.set_xticks(np.arange(len(t)), t.index, rotation=30, ha="right", fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("HEST metric (per context)")
-    ax.legend(fontsize=7, ncols=min(len(models), 4), frameon=False, loc="upper left", bbox_to_anchor=(0, 1.18))
+    ax.legend(fontsize=style.SMALL_PT, ncols=min(len(models), 4), frameon=False, loc="upper left", bbox_to_anchor=(0, 1.18))
     ax.set_title(title, fontsize=9, pad=30 if title else 6)
     fig.tight_layout()
     return fig
@@ -40,7 +40,7 @@ def contingency_heatmap(counts: pd.DataFrame, *, title: str = "") -> Figure:
     ax.set_xticks(range(share.shape[1]), share.columns, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(share.shape[0]), share.index, fontsize=8)
     for (r, c), v in np.ndenumerate(share.to_numpy()):
-        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color=style.text_colour(im.cmap(im.norm(v))))
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=style.SMALL_PT, color=style.text_colour(im.cmap(im.norm(v))))
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="share of the context's spots")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -164,7 +164,7 @@ def example_patches(
             ax.set_axis_off()
             if c < len(idx):
                 ax.imshow(images[int(idx[c])])
-                ax.set_title(str(sample.adata.obs_names[idx[c]]), fontsize=7)
+                ax.set_title(str(sample.adata.obs_names[idx[c]]), fontsize=style.SMALL_PT)
         axes[r, 0].text(-0.15, 0.5, f"{label}\n({len(groups[label])} spots)", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=9)
     fig.suptitle(f"{sample.sample_id}: {spec.size_um:g} µm patches", fontsize=10)
@@ -179,7 +179,7 @@ def gene_panel(panel: pd.DataFrame, *, top: int | None = None) -> plt.Figure:
     fig, ax = style.subplots(figsize=(min(style.MAX_WIDTH_IN, max(6.0, 0.22 * len(p))), 3.4))
     colours = plt.get_cmap("viridis")(p["min_expressed_frac"].to_numpy())
     ax.bar(range(len(p)), p["score"].to_numpy(), color=colours)
-    ax.set_xticks(range(len(p)), p.index, rotation=90, fontsize=7)
+    ax.set_xticks(range(len(p)), p.index, rotation=90, fontsize=style.SMALL_PT)
     rule = str(p["rule"].iloc[0]) if "rule" in p else "hest"
     ax.set_ylabel("normalised dispersion" if rule == "hest" else "variance of target")
     ax.set_xlim(-0.7, len(p) - 0.3)

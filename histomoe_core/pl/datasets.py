@@ -36,7 +36,7 @@ def section_grid(datasets: Mapping[str, SampleSet], *, ncols: int = 6, size: flo
                  f"patch {spec.crop_px(s.pixel_size_um)} px")
         spatial_scatter(s, None, ax=ax, spot_um=float(s.meta.get("spot_um", 100.0)),
                         image=thumbnail(s, max_px=OVERVIEW_THUMB_PX), title=title)
-        ax.title.set_fontsize(7)
+        ax.title.set_fontsize(style.SMALL_PT)
     fig.tight_layout()
     return fig
 
@@ -59,7 +59,7 @@ def context_montage(datasets: Mapping[str, SampleSet], *, n: int = 8, spec: Patc
         for ax, p in zip(row, patches):
             ax.imshow(p)
         row[0].text(-0.1, 0.5, f"{context}\n({s.sample_id}, {spec.crop_px(s.pixel_size_um)} px)", transform=row[0].transAxes,
-                    ha="right", va="center", fontsize=7)
+                    ha="right", va="center", fontsize=style.SMALL_PT)
     fig.suptitle(f"{spec.size_um:g} µm patches per tissue context", fontsize=9)
     fig.tight_layout()
     return fig

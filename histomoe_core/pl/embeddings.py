@@ -37,7 +37,7 @@ def umap(adata: ad.AnnData, *, color: Sequence[str] = ("section",), size: float 
             ax.scatter(xy[order, 0], xy[order, 1], c=[colours[c] for c in codes[order]], s=point, linewidths=0)
             for c, colour in zip(cats, colours):
                 ax.scatter([], [], color=colour, label=str(c), s=20)
-            ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.2,
+            ax.legend(frameon=False, fontsize=style.SMALL_PT, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=1.2,
                       ncols=1 if len(cats) <= 12 else 2, columnspacing=0.6, handletextpad=0.2)
         else:
             vals = v.to_numpy(float)

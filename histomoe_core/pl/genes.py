@@ -116,5 +116,5 @@ def prediction_scatter(adata: ad.AnnData, genes: Sequence[str], *, key: str = "h
     for ax in axes.flat[len(genes):]:
         ax.set_axis_off()
     if color_by and len(colors) > 1:
-        axes.flat[0].legend(frameon=False, fontsize=7, markerscale=2, title=color_by, title_fontsize=7)
+        axes.flat[0].legend(frameon=False, fontsize=style.SMALL_PT, markerscale=2, title=color_by, title_fontsize=style.SMALL_PT)
     return fig

@@ -56,7 +56,7 @@ def _heatmap(ax: plt.Axes, table: pd.DataFrame, *, cmap: str, fmt: str, vmin=Non
     if fmt and table.size <= 400:
         for (i, j), v in np.ndenumerate(table.to_numpy(float)):
             if np.isfinite(v):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=style.SMALL_PT,
                         color=style.text_colour(im.cmap(im.norm(v))))
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
 
@@ -193,7 +193,7 @@ def expert_montage(samples, picks: pd.DataFrame, *, size_um: float = 112.0, out_
             ax.set_axis_off()
             if c < len(rows) and (rows.loc[c, "sample"], rows.loc[c, "spot"]) in images:
                 ax.imshow(images[(rows.loc[c, "sample"], rows.loc[c, "spot"])])
-                ax.set_title(f"{rows.loc[c, 'context']}\ngate {rows.loc[c, 'gate']:.2f}", fontsize=6)
+                ax.set_title(f"{rows.loc[c, 'context']}\ngate {rows.loc[c, 'gate']:.2f}", fontsize=style.SMALL_PT)
         axes[r, 0].text(-0.1, 0.5, f"expert {e}", transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=9)
     fig.tight_layout()
     return fig

@@ -20,6 +20,8 @@ MIN_SCALE = 0.7
 MAX_PX = int(COLUMN_PX / MIN_SCALE)  # 982
 #: widest figure, inches (a little under MAX_PX / DPI: bbox_inches="tight" can add a legend or label)
 MAX_WIDTH_IN = 9.2
+#: the smallest text, points: ticks, legends, panel captions (>= 8 px on screen at the smallest scale)
+SMALL_PT = 8
 
 
 def fit(width: float, height: float, max_width: float = MAX_WIDTH_IN) -> tuple[float, float]:
