@@ -46,7 +46,7 @@ epochs = None  # None: the benchmark's default
 n_seeds = 1  # neural models' seeds (the tissues profile's default is 2: -p n_seeds=2, about 1.5x the time)
 tissues = "tissues"  # the multi-context benchmark profile (synthetic-tissues on the smoke profile)
 tissues_overrides = {}  # further BenchmarkConfig fields for it
-max_spots = 800  # spots kept per section (a seeded random subset of larger ones; None: all, 1.6x the spots)
+max_spots = 800  # spots kept per section (a seeded random subset of larger ones); None (-p max_spots=null): all
 model = "histomoe"
 singles = ["ridge_cv", "knn", "mlp", "per_context"]  # the single models the mixtures are compared with
 routed = "moe_image"  # the mixture whose routing is opened (its router reads only the image)
@@ -79,7 +79,7 @@ glue("n_sections", len(samples), display=False)
 glue("run_seconds", float(run.config["seconds"]), display=False)
 capped = [f"{s.sample_id} ({s.meta['n_spots_total']:,} spots)" for s in samples if "n_spots_total" in s.meta]
 glue("capped_text", (f"Sections with more than {max_spots} spots are cut to a seeded random {max_spots} of them so "
-                     f"the chapter runs in minutes (`-p max_spots=None` keeps all): {', '.join(capped)}."
+                     f"the chapter runs in minutes (`-p max_spots=null` keeps all): {', '.join(capped)}."
                      if capped else "Every section keeps all its spots."), display=False)
 sizes.assign(train_spots=sizes["train_spots"].round(0).astype(int))
 
@@ -209,7 +209,7 @@ cost = (table.loc[lco_table.index.intersection(table.index), lco_models] - lco_t
 lco_view = lco_table[lco_models].join(cost)
 glue("lco_mean_cost", float(cost.mean().mean()), display=False)
 glue("lco_best", str(lco_table[lco_models].mean().idxmax()), display=False)
-lco_view.round(3)
+lco_view.style.format(precision=3, na_rep="n/a (not scored above)")  # a training-only context above
 
 # %%
 lco_usage = expert_usage(lco, routed, target=target) if routed in lco_models else pd.DataFrame()

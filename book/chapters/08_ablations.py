@@ -80,8 +80,9 @@ table = pd.DataFrame({
 }, index=summary.index)
 paired = versus(run, list(summary.index), reference_model, target=targets[0], n_boot=n_boot)
 table[f"vs {reference_model}"] = paired["diff"]
-table["95 % interval"] = paired["ci_lo"].map("{:+.3f}".format) + " to " + paired["ci_hi"].map("{:+.3f}".format)
-table["verdict"] = paired["verdict"]
+table["95 % interval"] = (paired["ci_lo"].map("{:+.3f}".format) + " to " + paired["ci_hi"].map("{:+.3f}".format)
+                         ).reindex(table.index).fillna("(reference)")
+table["verdict"] = paired["verdict"].reindex(table.index).fillna("(reference)")
 glue("n_ties", int((paired["verdict"] == "tie").sum()), display=False)
 glue("n_better", int((paired["verdict"] == "better").sum()), display=False)
 glue("n_variants", len(table), display=False)
@@ -92,7 +93,7 @@ glue("abl_ref", ref, display=False)
 refs_first = table.assign(not_ref=~table.index.isin(ablation_references(dataset)))
 refs_first = refs_first.sort_values(["not_ref", "group", "HEST metric"], ascending=[True, True, False])
 refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section", "sd folds", "sd seeds",
-            "group", "change"]].round(3)
+            "group", "change"]].style.format(precision=3, na_rep="")
 
 # %% [markdown]
 # {glue:text}`n_variants` models, {glue:text}`abl_n_folds` folds, {glue:text}`abl_n_seeds` seeds;
