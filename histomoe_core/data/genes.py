@@ -60,8 +60,16 @@ def common_genes(samples: Sequence[Sample]) -> list[str]:
 
 def expressed_fraction(samples: Sequence[Sample], genes: Sequence[str]) -> pd.DataFrame:
     """Fraction of spots with a non-zero count, genes x samples."""
-    cols = {s.sample_id: (dense(s.adata[:, list(genes)].X) > 0).mean(axis=0) for s in samples}
-    return pd.DataFrame(cols, index=list(genes))
+    return pd.DataFrame({s.sample_id: _detected(s.adata[:, list(genes)].X) for s in samples}, index=list(genes))
+
+
+def _detected(x) -> np.ndarray:
+    """Per column, the fraction of rows with a count above 0 (counted on the stored entries of a sparse matrix)."""
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        return np.asarray((x > 0).sum(axis=0), dtype=np.float64).ravel() / x.shape[0]
+    return (np.asarray(x) > 0).mean(axis=0)
 
 
 def select_panel(
