@@ -74,6 +74,7 @@ n_boot = 2000  # bootstrap replicates of the paired intervals
 other_rule = "variance"  # the panel rule compared with the default one
 other_rule_models = ["ridge_hest", "ridge_cv", "knn"]  # models rerun under it (add "histomoe": ~4x the time)
 context_models = ["ridge_cv_centred", "knn_k50", "histomoe_anchored"]  # models rerun with spatial context
+context_n_seeds = 1  # seeds of the spatial-context comparison (None: as the main run; these models vary little)
 spatial_contexts = {"rings": {"neighbours": {"radius_um": [250, 450]}},
                     "rings + wide": {"neighbours": {"radius_um": [250, 450]}, "wide": {}}}
 context_spot = None  # spot drawn with its neighbourhood (index or id in the first test section); None: middle
@@ -324,7 +325,8 @@ glue("norm_verdict_text", norm_text, display=False)
 # (`histomoe_core.spatial_context`) adds, from the images only and never across sections, the mean embedding of
 # the spot's neighbours in rings of radius {glue:text}`ring_radii` µm and the embedding of a wider
 # {glue:text}`wide_um` µm patch around it, to every model's input alike. Each model below is rerun with and
-# without context on the same folds, panels and seeds (the fixed variants, so the only change is the input).
+# without context on the same folds, panels and seeds ({glue:text}`ctx_n_seeds` here; the fixed variants, so the
+# only change is the input).
 
 # %%
 from histomoe_core import pl
@@ -333,14 +335,15 @@ from histomoe_core.benchmark.context_runs import CombinedRuns
 from histomoe_core.spatial_context import WIDE_UM
 
 ctx_runs = {"none": tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
-                                n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False,
+                                n_genes=n_genes, epochs=epochs, n_seeds=context_n_seeds or n_seeds, progress=False,
                                 **{**benchmark_overrides, "targets": targets[:1], "models": context_models})}
 for label, spec in spatial_contexts.items():
     ctx_runs[label] = tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
-                                  n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False,
+                                  n_genes=n_genes, epochs=epochs, n_seeds=context_n_seeds or n_seeds, progress=False,
                                   **{**benchmark_overrides, "targets": targets[:1], "models": context_models,
                                      "spatial_context": spec})
 both = CombinedRuns(ctx_runs)
+glue("ctx_n_seeds", len(ctx_runs["none"].config["config"]["seeds"]), display=False)
 gains = pd.DataFrame({(label, m): versus(both, [f"{m}@{label}"], f"{m}@none", target=targets[0], n_boot=n_boot).iloc[0]
                       for label in spatial_contexts for m in context_models}).T.astype(
     {"diff": float, "ci_lo": float, "ci_hi": float})
