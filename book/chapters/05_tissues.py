@@ -79,7 +79,7 @@ glue("n_sections", len(samples), display=False)
 glue("run_seconds", float(run.config["seconds"]), display=False)
 capped = [f"{s.sample_id} ({s.meta['n_spots_total']:,} spots)" for s in samples if "n_spots_total" in s.meta]
 glue("capped_text", (f"Sections with more than {max_spots} spots are cut to a seeded random {max_spots} of them so "
-                     f"the chapter runs in minutes (`-p max_spots=null` keeps all): {', '.join(capped)}."
+                     f"the chapter runs in minutes (-p max_spots=null keeps all): {', '.join(capped)}."
                      if capped else "Every section keeps all its spots."), display=False)
 sizes.assign(train_spots=sizes["train_spots"].round(0).astype(int))
 
@@ -209,7 +209,7 @@ cost = (table.loc[lco_table.index.intersection(table.index), lco_models] - lco_t
 lco_view = lco_table[lco_models].join(cost)
 glue("lco_mean_cost", float(cost.mean().mean()), display=False)
 glue("lco_best", str(lco_table[lco_models].mean().idxmax()), display=False)
-lco_view.style.format(precision=3, na_rep="n/a (not scored above)")  # a training-only context above
+lco_view.round(3).astype(object).where(lco_view.notna(), "n/a (not scored above)")  # training-only above
 
 # %%
 lco_usage = expert_usage(lco, routed, target=target) if routed in lco_models else pd.DataFrame()

@@ -92,8 +92,9 @@ glue("abl_ref", ref, display=False)
 # the reference rows first, then each group's variants best first; the numbers before the long "change" text
 refs_first = table.assign(not_ref=~table.index.isin(ablation_references(dataset)))
 refs_first = refs_first.sort_values(["not_ref", "group", "HEST metric"], ascending=[True, True, False])
-refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section", "sd folds", "sd seeds",
-            "group", "change"]].style.format(precision=3, na_rep="")
+shown = refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section", "sd folds",
+                    "sd seeds", "group", "change"]].round(3)
+shown.astype(object).where(shown.notna(), "")  # the reference row has no difference with itself
 
 # %% [markdown]
 # {glue:text}`n_variants` models, {glue:text}`abl_n_folds` folds, {glue:text}`abl_n_seeds` seeds;
