@@ -323,7 +323,9 @@ def encode_texts(texts: Sequence[str], encoder: str | TextEncoder = "minilm") ->
         if t not in found:
             found[t] = _text_encoder(encoder).encode([t])[0]
             write_text_vector(cid, t, found[t])
-    return np.stack([found[t] for t in texts]).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
+    if not texts:  # the encoder's width, as its own encode([]) gives
+        return np.zeros((0, TEXT_ENCODERS.get(encoder).dim), np.float32)
+    return np.stack([found[t] for t in texts]).astype(np.float32)
 
 
 def metadata_strings(samples: Iterable[Sample], *, fields: Sequence[str] | None = None) -> Mapping[str, str]:
