@@ -12,9 +12,10 @@ export HF_HUB_OFFLINE ?= 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/install_venv.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile -e '.[test]'
+	@# uv with pip's own settings (indexes, find-links, constraints); pip itself when uv cannot be had
+	$(BIN)/python tools/install_venv.py '.[test]'
 	@# byte-compile on every core (pip does it on one); files that are not Python 3 (packages' fixtures) are skipped
 	@$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@touch $(STAMP)
