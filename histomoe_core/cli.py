@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except HistoMoEError as exc:
         print(f"histomoe: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: worker pools are already killed; what was written whole stays
+        print("histomoe: interrupted", file=sys.stderr)
+        return 130
     finally:
         for k, v in saved.items():
             if v is None:

@@ -7,7 +7,8 @@ the process that started them ends, however it ends:
   ``PR_SET_PDEATHSIG``) and, on every platform, a watchdog thread exits the worker once ``os.getppid()`` changes;
 * SIGTERM of the parent: while the pool is open, SIGTERM raises :class:`Terminated` in the parent, the workers
   are killed and the parent exits with status 143 (128 + SIGTERM);
-* an exception (or Ctrl-C) in the parent kills the workers before it propagates.
+* an exception (or Ctrl-C) in the parent kills the workers before it propagates; the workers themselves
+  ignore SIGINT, which a terminal or a Jupyter kernel sends to the whole process group.
 
 With the workers gone, multiprocessing's resource tracker (kept alive by their inherited pipe) exits too.
 """
@@ -56,6 +57,9 @@ def _die_with(parent: int) -> None:
 
 
 def _init(parent: int, initializer: Callable[..., Any] | None, initargs: Sequence[Any]) -> None:
+    # Ctrl-C (or a Jupyter kernel's shutdown, sent to its process group) is the parent's to handle: it kills
+    # the workers; a worker interrupted on its own would only print a traceback from its idle queue read
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
     if initializer is not None:
         initializer(*initargs)
