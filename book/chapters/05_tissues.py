@@ -46,7 +46,7 @@ epochs = None  # None: the benchmark's default
 n_seeds = 1  # neural models' seeds (the tissues profile's default is 2: -p n_seeds=2, about 1.5x the time)
 tissues = "tissues"  # the multi-context benchmark profile (synthetic-tissues on the smoke profile)
 tissues_overrides = {}  # further BenchmarkConfig fields for it
-max_spots = 800  # spots kept per section (a seeded random subset of larger ones); None (-p max_spots=null): all
+max_spots = 600  # spots kept per section (a seeded random subset of larger ones); None (-p max_spots=null): all
 model = "histomoe"
 singles = ["ridge_cv", "knn", "mlp", "per_context"]  # the single models the mixtures are compared with
 routed = "moe_image"  # the mixture whose routing is opened (its router reads only the image)
