@@ -147,3 +147,44 @@ def test_panel_stats_measure_how_much_a_gene_follows_spot_depth(samples):
     st = panel_stats(two, ["DEEP", "FLAT"])
     assert st.loc["DEEP", "depth_r"] > 0.99 and abs(st.loc["FLAT", "depth_r"]) < 0.3
     assert st.loc["DEEP", "detected"] == pytest.approx(float(np.mean([(s.adata.X.sum(axis=1) > 0).mean() for s in list(samples)[:2]])))
+
+
+@pytest.mark.parametrize("with_raw", [True, False], ids=["choice-in-table", "choice-not-in-table"])
+def test_selections_and_fits_run_in_one_queue(tmp_path, monkeypatch, with_raw):
+    """The selections run together with every fit that needs none (costliest first); a finished selection
+    queues the fit of its choice, unless that unit is a model of the table, planned already (known answer:
+    ridge beats a constant, see above)."""
+    import histomoe_core.benchmark as bm
+    from histomoe_core.benchmark.config import make_config
+    from histomoe_core.benchmark.inputs import input_digests, load_inputs
+    from histomoe_core.benchmark.units import Job, Plan, fit_pending
+
+    monkeypatch.setenv("HISTOMOE_HOME", str(tmp_path))
+    models = {"ridge_cv": bm.models.select({"mean": {"kind": "knn", "k": 10**6, "centre": False},
+                                            "raw": {"kind": "ridge_cv", "centre": False}}),
+              **({"ridge_raw": {"kind": "ridge_cv", "centre": False}} if with_raw else {}),
+              "ridge_hest": {"kind": "ridge_hest", "centre": False}}
+    cfg = make_config("synthetic", dataset_options=SYN, text_encoder="onehot", targets=("log1p",), n_genes=12,
+                      models=models)
+    samples, folds, img, meta, fixed = load_inputs(cfg, progress=False)
+    work = Plan(cfg, samples, folds, img, meta, fixed, input_digests(samples, img, meta))
+    order: list[str] = []
+
+    def logged(job: Job) -> Job:  # the same job, recording when it runs
+        then = job.then and (lambda: [logged(j) for j in job.then()])
+        return Job(job.label, lambda *a: (order.append(job.label), job.fn(*a)), job.args, job.cost, then)
+
+    done, independent = work.fit_jobs(selected=False)  # no selection exists yet: select models are left out
+    assert {k[2] for k in done} == set(models) - {"ridge_cv"}
+    selections = work.selection_jobs()
+    assert len(selections) == len(folds) and len(independent) == (len(models) - 1) * len(folds)
+    cheap = Job("cheap", lambda: order.append("cheap"), (), 0.5)
+    fit_pending(cfg, [logged(j) for j in [cheap, *independent, *selections]], n_jobs=1, threads=1, progress=False)
+    n = len(folds)
+    assert all(lab.endswith("inner CV") for lab in order[:n]) and order[-1] == "cheap"
+    follow = [lab for lab in order if lab.endswith("ridge_cv s0")]
+    assert len(follow) == (0 if with_raw else n)  # planned once: the table's ridge_raw unit is the choice
+    done, rest = work.fit_jobs()
+    assert rest == [] and {k[2] for k in done} == set(models)
+    if with_raw:
+        assert all(done[("log1p", f.name, "ridge_cv", 0)] == done[("log1p", f.name, "ridge_raw", 0)] for f in folds)

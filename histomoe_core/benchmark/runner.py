@@ -39,8 +39,10 @@ def run_benchmark(profile: str | BenchmarkConfig | Mapping[str, Any] = "her2st",
             return BenchmarkRun(final)
         work = Plan(cfg, samples, folds, img, meta, fixed, digests)
         jobs = resolve_jobs(n_jobs)
-        fit_pending(cfg, work.selection_jobs(), n_jobs=jobs, threads=threads, progress=progress, what="selection")
-        done, fits = work.fit_jobs()
+        # selections and the fits that need none at once; each selection then queues the fit of its choice
+        _, independent = work.fit_jobs(selected=False)
+        fit_pending(cfg, work.selection_jobs() + independent, n_jobs=jobs, threads=threads, progress=progress)
+        done, fits = work.fit_jobs()  # every unit is cached by now, except those of selections read from the cache
         fit_pending(cfg, fits, n_jobs=jobs, threads=threads, progress=progress)
         assemble(cfg, folds, {k: p.table for k, p in work.panels.items()}, done, final, key, time.perf_counter() - t_start,
                  selections=work.selections, notes={"inner_cv_groups": inner_cv_groups(samples, folds)})

@@ -2,10 +2,12 @@
 each one under its own content key."""
 from __future__ import annotations
 
+import heapq
 import json
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -108,6 +110,7 @@ class Job:
     fn: Callable
     args: tuple
     cost: float = 1.0  #: a rough relative cost: longest first, so a worker is not left alone with a long last fit
+    then: Callable[[], Sequence["Job"]] | None = None  #: the jobs this one makes possible (called in the parent)
 
 
 def job_cost(spec: Mapping[str, Any]) -> float:
@@ -120,9 +123,11 @@ def job_cost(spec: Mapping[str, Any]) -> float:
 class Plan:
     """Panels, folds' arrays and the artifact folder of every unit of a run.
 
-    Phase 1 (:meth:`selection_jobs`): the inner-CV selections of ``select`` models. Phase 2 (:meth:`fit_jobs`,
-    after phase 1 is done): one unit per (target, fold, model, seed); a ``select`` model's unit is the unit of the
-    candidate its selection chose, so a choice that is also a model of the table is fit once.
+    One unit per (target, fold, model, seed); a ``select`` model's unit is the unit of the candidate its inner-CV
+    selection chose, so a choice that is also a model of the table is fit once. The inner-CV selections
+    (:meth:`selection_jobs`) run together with the fits that need no selection (:meth:`fit_jobs` with
+    ``selected=False``), and each selection, once done, queues the fit of its choice: no worker waits for the
+    last selection while other fits are left. :meth:`fit_jobs` afterwards lists every unit (and fits any left).
     """
 
     def __init__(self, cfg: BenchmarkConfig, samples, folds, img, meta, fixed, digests: tuple[str, str, str]) -> None:
@@ -141,6 +146,7 @@ class Plan:
                        for t in cfg.targets for f in folds}
         self._data: dict[tuple[str, str], tuple] = {}
         self.selections: dict[tuple[str, str, str], Path] = {}
+        self._planned: set[Path] = set()  #: units some job of this plan will write
 
     def data(self, target: str, fold) -> tuple:
         """(train, test) FoldData of a fold on its panel(s) (cut once, only when a job needs it)."""
@@ -168,6 +174,7 @@ class Plan:
         return out
 
     def selection_jobs(self) -> list[Job]:
+        """The missing inner-CV selections; each, once done, yields the fit of what it chose (``Job.then``)."""
         from histomoe_core.benchmark.selection import select_unit
 
         jobs = []
@@ -177,65 +184,123 @@ class Plan:
             out = self._selection_dir(target, fold, name, spec, genes)
             if not cache.intact(out, "model selection"):
                 jobs.append(Job(f"{target} {fold.name} {name} inner CV", select_unit,
-                                (self.cfg, name, spec, self.data(target, fold)[0], out), job_cost(spec)))
+                                (self.cfg, name, spec, self.data(target, fold)[0], out), job_cost(spec),
+                                then=partial(self._chosen_jobs, target, fold, name, spec, genes)))
         return jobs
 
-    def fit_jobs(self) -> tuple[dict[tuple[str, str, str, int], Path], list[Job]]:
-        """The unit folder of every (target, fold, model, seed) and the fits missing from the cache."""
+    def fit_jobs(self, *, selected: bool = True) -> tuple[dict[tuple[str, str, str, int], Path], list[Job]]:
+        """The unit folder of every (target, fold, model, seed) and the fits missing from the cache; with
+        ``selected=False`` only those of models that are not ``select`` models (their selections need not exist)."""
         from histomoe_core.benchmark.selection import read_selection
 
         done: dict[tuple[str, str, str, int], Path] = {}
         jobs: list[Job] = []
-        planned: set[Path] = set()
+        self._planned = set()  # a fresh plan: what earlier calls planned is done by now
         for target, fold, name, spec, genes in self._cells():
-            selected = None
             if is_selection(spec):
-                selected = read_selection(self._selection_dir(target, fold, name, spec, genes))
-                spec = selected["spec"]
-            det = is_deterministic(spec)
-            for seed in self.cfg.seeds[:1] if det else self.cfg.seeds:
-                unit = cache.artifact_dir("benchmark_units", unit_key(self.cfg, spec, self.inputs, self.code, target,
-                                                                      fold, genes, None if det else seed))
-                if unit not in planned and not cache.intact(unit, "benchmark unit"):
-                    planned.add(unit)
-                    train, test = self.data(target, fold)
-                    jobs.append(Job(f"{target} {fold.name} {name} s{seed}", fit_unit,
-                                    (self.cfg, name, spec, train, test, seed, unit), job_cost(spec)))
-                for s_ in (self.cfg.seeds if det else [seed]):
-                    done[(target, fold.name, name, s_)] = unit
+                if not selected:
+                    continue
+                spec = read_selection(self._selection_dir(target, fold, name, spec, genes))["spec"]
+            jobs += self._unit_jobs(target, fold, name, spec, genes, done)
         return done, jobs
+
+    def _chosen_jobs(self, target: str, fold, name: str, spec: Mapping[str, Any], genes) -> list[Job]:
+        """After a selection: the fit of the candidate it chose, unless cached or already planned."""
+        from histomoe_core.benchmark.selection import read_selection
+
+        chosen = read_selection(self._selection_dir(target, fold, name, spec, genes))["spec"]
+        return self._unit_jobs(target, fold, name, chosen, genes, {})
+
+    def _unit_jobs(self, target: str, fold, name: str, spec: Mapping[str, Any], genes, done: dict) -> list[Job]:
+        """Record the units of one (target, fold, model) in ``done``; the fits of those not cached nor planned."""
+        jobs = []
+        det = is_deterministic(spec)
+        for seed in self.cfg.seeds[:1] if det else self.cfg.seeds:
+            unit = cache.artifact_dir("benchmark_units", unit_key(self.cfg, spec, self.inputs, self.code, target,
+                                                                  fold, genes, None if det else seed))
+            if unit not in self._planned and not cache.intact(unit, "benchmark unit"):
+                self._planned.add(unit)
+                train, test = self.data(target, fold)
+                jobs.append(Job(f"{target} {fold.name} {name} s{seed}", fit_unit,
+                                (self.cfg, name, spec, train, test, seed, unit), job_cost(spec)))
+            for s_ in (self.cfg.seeds if det else [seed]):
+                done[(target, fold.name, name, s_)] = unit
+        return jobs
 
 
 def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threads: int | None,
                 progress: bool, what: str = "fit") -> None:
-    """Run the jobs, in this process or in ``n_jobs`` spawned workers (each limited to ``threads``)."""
+    """Run the jobs and those their ``then`` makes possible, in this process or in ``n_jobs`` spawned workers
+    (each limited to ``threads``); the costliest waiting job starts whenever a worker is free."""
     from tqdm.auto import tqdm
 
+    queue = _JobQueue(jobs)
     bar = tqdm(total=len(jobs), desc=f"benchmark {cfg.dataset}", disable=not progress or not jobs, unit=what)
+
+    def finished(job: Job) -> None:
+        bar.set_postfix_str(job.label)
+        bar.update()
+        more = queue.after(job)
+        if more:
+            bar.total += more
+            bar.refresh()
+
     try:
-        if n_jobs <= 1 or len(jobs) <= 1:
-            for j in jobs:
-                bar.set_postfix_str(j.label)
-                j.fn(*j.args)
-                bar.update()
+        if n_jobs <= 1 or len(jobs) <= 1 and all(j.then is None for j in jobs):
+            while queue:
+                job = queue.pop()
+                job.fn(*job.args)
+                finished(job)
             return
-        from concurrent.futures import as_completed
+        from concurrent.futures import FIRST_COMPLETED, wait
 
         from histomoe_core.workers import worker_pool
 
         # workers end with this process (SIGKILL, SIGTERM, errors): see histomoe_core.workers
         # n_jobs workers even for fewer jobs: the pool is kept for the run's next phase and the next runs
         with worker_pool(n_jobs, initializer=_worker_init, initargs=(threads,), keep=True) as pool:
-            futures = {pool.submit(j.fn, *j.args): j for j in sorted(jobs, key=lambda j: -j.cost)}
-            for f in as_completed(futures):
-                if f.exception() is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)  # let running fits finish
-                    raise HistoMoEError(f"fit {futures[f].label} failed in a worker: {f.exception()!r}; "
-                                        "finished fits are cached, a re-run resumes") from f.exception()
-                bar.set_postfix_str(futures[f].label)
-                bar.update()
+            running: dict = {}
+            while queue or running:
+                while queue and len(running) < n_jobs:  # one job per free worker: the queue keeps the order
+                    job = queue.pop()
+                    running[pool.submit(job.fn, *job.args)] = job
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    job = running.pop(f)
+                    if f.exception() is not None:
+                        pool.shutdown(wait=True, cancel_futures=True)  # let running fits finish
+                        raise HistoMoEError(f"fit {job.label} failed in a worker: {f.exception()!r}; "
+                                            "finished fits are cached, a re-run resumes") from f.exception()
+                    finished(job)
     finally:
         bar.close()
+
+
+class _JobQueue:
+    """Waiting jobs, costliest first (ties: the order they came in)."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self._heap: list = []
+        self._n = 0
+        for j in jobs:
+            self._push(j)
+
+    def _push(self, job: Job) -> None:
+        heapq.heappush(self._heap, (-job.cost, self._n, job))
+        self._n += 1
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def pop(self) -> Job:
+        return heapq.heappop(self._heap)[2]
+
+    def after(self, job: Job) -> int:
+        """Queue the jobs ``job`` made possible; how many."""
+        more = list(job.then()) if job.then is not None else []
+        for j in more:
+            self._push(j)
+        return len(more)
 
 
 _WORKER_LIMITS: list = []
