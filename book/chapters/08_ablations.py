@@ -93,7 +93,7 @@ glue("abl_ref", ref, display=False)
 refs_first = table.assign(not_ref=~table.index.isin(ablation_references(dataset)))
 refs_first = refs_first.sort_values(["not_ref", "group", "HEST metric"], ascending=[True, True, False])
 shown = refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section", "sd folds",
-                    "sd seeds", "group", "change"]].round(3)
+                    "sd seeds", "group", "change"]].round(3).replace(-0.0, 0.0)  # no "-0.0" for a rounded tie
 shown.astype(object).where(shown.notna(), "")  # the reference row has no difference with itself
 
 # %% [markdown]
@@ -194,7 +194,7 @@ emb["difference"] = emb["section-centred"] - emb["embeddings as given"]
 glue("emb_best", str(emb["section-centred"].idxmax()), display=False)
 glue("emb_best_r", float(emb["section-centred"].max()), display=False)
 glue("emb_ref_gain", float(emb.loc[reference_model, "difference"]), display=False)
-emb.round(3)
+emb.round(3).replace(-0.0, 0.0)
 
 # %%
 fold_gain = (fold_table(centred.results, target=targets[0]).loc[reference_model]
