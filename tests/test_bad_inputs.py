@@ -503,7 +503,8 @@ def _alive(pid: int) -> bool:
 def test_killed_benchmark_leaves_no_worker(sig, tmp_path_factory, tmp_path):
     home = tmp_path_factory.getbasetemp() / "orphans_home"  # shared: the second run reuses data and embeddings
     env = {**os.environ, "HISTOMOE_HOME": str(home), "PYTHONPATH": str(REPO)}
-    seeds = {signal.SIGKILL: ["0", "1", "2"], signal.SIGTERM: ["3", "4", "5"]}.get(sig, ["6", "7", "8"])  # uncached
+    # seeds no other run cached; Ctrl-C comes after a first fit, so its run has many more fits left to do
+    seeds = {signal.SIGKILL: ["0", "1", "2"], signal.SIGTERM: ["3", "4", "5"]}.get(sig, [str(s) for s in range(6, 40)])
     cmd = [sys.executable, "-m", "histomoe_core.cli", "benchmark", "synthetic", "--models", "mlp", "--targets",
            "log1p", "--text-encoder", "onehot", "--jobs", "2", "--no-progress", "--seeds", *seeds]
     log = tmp_path / "stderr.txt"  # a file, not a pipe: orphaned workers would hold a pipe open
@@ -523,6 +524,7 @@ def test_killed_benchmark_leaves_no_worker(sig, tmp_path_factory, tmp_path):
             while time.time() < deadline and proc.poll() is None and not list(units.glob("*/metrics.json")):
                 time.sleep(0.2)
         kids = _children(proc.pid)
+        assert proc.poll() is None, "the run ended before it could be stopped; give it more fits"
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C (or a Jupyter kernel's shutdown): the whole group
         else:
