@@ -261,7 +261,9 @@ def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threa
         with worker_pool(n_jobs, initializer=_worker_init, initargs=(threads,), keep=True) as pool:
             running: dict = {}
             while queue or running:
-                while queue and len(running) < n_jobs:  # one job per free worker: the queue keeps the order
+                # a job per worker and one more, sent ahead while they work (its arrays take a while to pickle);
+                # the rest wait here, costliest first, so a selection's follow-up fit does not queue behind them
+                while queue and len(running) < n_jobs + 1:
                     job = queue.pop()
                     running[pool.submit(job.fn, *job.args)] = job
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
