@@ -161,3 +161,16 @@ def test_inspect_command_writes_the_figures(tmp_path):
     assert list(summary.index) == folds
     assert (summary["experts"] == run.load_model("histomoe", folds[0]).cfg.n_routed).all()
     assert main(["inspect", str(run.path), "--out", str(out), "--model", "ridge_cv"]) == 2  # no weights: clear error
+
+
+def test_shown_table_rounds_without_negative_zero_and_names_empty_cells():
+    import pandas as pd
+
+    from histomoe_core import pl
+
+    t = pd.DataFrame({"r": [0.12345, -0.0004, float("nan")], "n": [1, 2, 3], "s": ["a", None, "c"]},
+                     index=["x", "y", "z"])
+    out = pl.tables.shown(t, digits=3, missing="n/a")
+    assert out["r"].tolist() == [0.123, 0.0, "n/a"] and str(out.loc["y", "r"]) == "0.0"  # not "-0.0"
+    assert out["n"].tolist() == [1, 2, 3] and out["s"].tolist() == ["a", "n/a", "c"]
+    assert t["r"].iloc[1] == -0.0004  # the input is left as it was

@@ -209,7 +209,7 @@ cost = (table.loc[lco_table.index.intersection(table.index), lco_models] - lco_t
 lco_view = lco_table[lco_models].join(cost)
 glue("lco_mean_cost", float(cost.mean().mean()), display=False)
 glue("lco_best", str(lco_table[lco_models].mean().idxmax()), display=False)
-lco_view.round(3).astype(object).where(lco_view.notna(), "n/a (not scored above)")  # training-only above
+pl.tables.shown(lco_view, missing="n/a (not scored above)")  # contexts that are training-only above
 
 # %%
 lco_usage = expert_usage(lco, routed, target=target) if routed in lco_models else pd.DataFrame()

@@ -130,7 +130,7 @@ fig = pl.attributions.attribution_overlay(patches, gene_results, row_labels=row_
 # %%
 gene_table = pd.DataFrame([r.summary() for r in gene_results]).set_index("method")
 glue("ig_delta", float(gene_table.loc["Integrated Gradients", "max_relative_delta"]), display=False)
-gene_table.round(4).astype(object).where(gene_table.notna(), "n/a (IG only)")  # only IG has a completeness delta
+pl.tables.shown(gene_table, digits=4, missing="n/a (IG only)")  # only IG has a completeness delta
 
 # %% [markdown]
 # Red pixels raise the predicted expression of {glue:text}`gene_name`, blue ones lower it (each panel on its own
@@ -181,7 +181,7 @@ fig = pl.attributions.attribution_overlay(gate_patches, gate_results, row_labels
 
 # %%
 gate_table = pd.DataFrame([r.summary() for r in gate_results]).set_index("method")
-gate_table.round(4).astype(object).where(gate_table.notna(), "n/a (IG only)")
+pl.tables.shown(gate_table, digits=4, missing="n/a (IG only)")
 
 # %% [markdown]
 # The gate weight of {glue:text}`gate_expert` varies with a standard deviation of {glue:text}`gate_range:.3f`

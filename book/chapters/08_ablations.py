@@ -58,7 +58,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from myst_nb import glue
 
-from histomoe_core import tl
+from histomoe_core import pl, tl
 from histomoe_core.benchmark import ABLATION_NOTES, ablation_models, ablation_references
 from histomoe_core.benchmark.compare import versus
 from histomoe_core.evaluate import fold_table
@@ -92,9 +92,8 @@ glue("abl_ref", ref, display=False)
 # the reference rows first, then each group's variants best first; the numbers before the long "change" text
 refs_first = table.assign(not_ref=~table.index.isin(ablation_references(dataset)))
 refs_first = refs_first.sort_values(["not_ref", "group", "HEST metric"], ascending=[True, True, False])
-shown = refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section", "sd folds",
-                    "sd seeds", "group", "change"]].round(3).replace(-0.0, 0.0)  # no "-0.0" for a rounded tie
-shown.astype(object).where(shown.notna(), "")  # the reference row has no difference with itself
+pl.tables.shown(refs_first[["HEST metric", f"vs {reference_model}", "95 % interval", "verdict", "per-section",
+                            "sd folds", "sd seeds", "group", "change"]])  # the reference row: no difference with itself
 
 # %% [markdown]
 # {glue:text}`n_variants` models, {glue:text}`abl_n_folds` folds, {glue:text}`abl_n_seeds` seeds;
@@ -194,7 +193,7 @@ emb["difference"] = emb["section-centred"] - emb["embeddings as given"]
 glue("emb_best", str(emb["section-centred"].idxmax()), display=False)
 glue("emb_best_r", float(emb["section-centred"].max()), display=False)
 glue("emb_ref_gain", float(emb.loc[reference_model, "difference"]), display=False)
-emb.round(3).replace(-0.0, 0.0)
+pl.tables.shown(emb)
 
 # %%
 fold_gain = (fold_table(centred.results, target=targets[0]).loc[reference_model]
