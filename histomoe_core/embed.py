@@ -315,7 +315,8 @@ def encode_texts(texts: Sequence[str], encoder: str | TextEncoder = "minilm") ->
     """``(n, dim)`` vectors of ``texts``. A named encoder with a ``cache_id`` encodes each distinct text once, alone
     (so its vector does not depend on the other texts), and keeps it in the embedding cache: later calls read it
     without loading the encoder (MiniLM takes ~10 s to load)."""
-    cid = TEXT_ENCODERS.get(encoder).cache_id() if isinstance(encoder, str) and encoder in TEXT_ENCODERS else None
+    entry = TEXT_ENCODERS.get(encoder) if isinstance(encoder, str) and encoder in TEXT_ENCODERS else None
+    cid = entry.cache_id() if entry is not None else None
     if cid is None:
         return (_text_encoder(encoder) if isinstance(encoder, str) else encoder).encode(list(texts))
     found = {t: v for t in dict.fromkeys(texts) if (v := read_text_vector(cid, t)) is not None}
@@ -324,7 +325,7 @@ def encode_texts(texts: Sequence[str], encoder: str | TextEncoder = "minilm") ->
             found[t] = _text_encoder(encoder).encode([t])[0]
             write_text_vector(cid, t, found[t])
     if not texts:  # the encoder's width, as its own encode([]) gives
-        return np.zeros((0, TEXT_ENCODERS.get(encoder).dim), np.float32)
+        return np.zeros((0, entry.dim), np.float32)
     return np.stack([found[t] for t in texts]).astype(np.float32)
 
 

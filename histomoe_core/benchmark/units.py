@@ -229,13 +229,13 @@ class Plan:
 
 
 def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threads: int | None,
-                progress: bool, what: str = "fit") -> None:
+                progress: bool) -> None:
     """Run the jobs and those their ``then`` makes possible, in this process or in ``n_jobs`` spawned workers
     (each limited to ``threads``); the costliest waiting job starts whenever a worker is free."""
     from tqdm.auto import tqdm
 
     queue = _JobQueue(jobs)
-    bar = tqdm(total=len(jobs), desc=f"benchmark {cfg.dataset}", disable=not progress or not jobs, unit=what)
+    bar = tqdm(total=len(jobs), desc=f"benchmark {cfg.dataset}", disable=not progress or not jobs, unit="fit")
 
     def finished(job: Job) -> None:
         bar.set_postfix_str(job.label)
