@@ -18,8 +18,9 @@ Both use the same batch size and the encoder's CPU thread count (``HISTOMOE_EMBE
 side of it, so a change in machine load shows up as disagreeing ceilings rather than as a false ratio.
 Prints, per run, both rates in patches/s, their ratio (goal >= 0.85), the same ratio in CPU time per patch
 (less sensitive to other programs sharing the machine), how long the encoder waited for patches, and the peak
-resident memory of the pipeline (goal < 4 GB while a 9k x 10k px her2st section is embedded); then the median
-ratio per setting. Not a test: the numbers depend on the machine and on what else runs on it.
+resident memory of the pipeline (goal < 4 GB while a 9k x 10k px her2st section is embedded), and what the
+machine did meanwhile (CPU idle, system and stolen shares; page faults; voluntary context switches, which show
+threads blocking on each other); then the median ratio per setting. Not a test: the numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
@@ -65,6 +66,33 @@ class PeakRSS:
         self._t.join()
 
 
+class MachineUse:
+    """What the machine did during a block: CPU shares from ``/proc/stat`` (idle, system, stolen by the host), and
+    this process's minor page faults and voluntary context switches (a thread blocking: waiting for the GIL,
+    an OpenMP worker going to sleep between parallel regions, a queue)."""
+
+    def __enter__(self) -> "MachineUse":
+        import resource
+
+        self._stat, self._ru = self._ticks(), resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    @staticmethod
+    def _ticks() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+
+    def __exit__(self, *exc) -> None:
+        import resource
+
+        d = [b - a for a, b in zip(self._stat, self._ticks())]
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        total = sum(d) or 1
+        self.shares = {"idle": (d[3] + d[4]) / total, "system": d[2] / total, "steal": d[7] / total if len(d) > 7 else 0.0}
+        self.page_faults = ru.ru_minflt - self._ru.ru_minflt
+        self.voluntary_switches = ru.ru_nvcsw - self._ru.ru_nvcsw
+
+
 def slide_size(sample) -> str:
     from histomoe_core.data.patches import image_size
 
@@ -90,13 +118,14 @@ def pipeline_run(samples, enc, batch_size: int, device, patch_threads: int | Non
     env = {} if patch_threads is None else {"HISTOMOE_PATCH_THREADS": str(patch_threads)}
     with temporary_cache(), environ(**env):
         base = rss_mb()
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, MachineUse() as use:
             t0, c0 = time.perf_counter(), cpu_seconds()
             _, st = run_embedding(samples, enc, batch_size=batch_size, device=device, progress=False)
             wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {"patch_threads": patch_threads, "n_patches": st.n_patches, "pipeline_seconds": wall, "cpu_seconds": cpu,
             "pipeline_patches_per_s": st.n_patches / wall, "forward_seconds": st.forward_s,
-            "starved_seconds": st.starved_s, "peak_rss_mb": peak.peak, "rss_before_mb": base}
+            "starved_seconds": st.starved_s, "peak_rss_mb": peak.peak, "rss_before_mb": base,
+            "cpu_shares": use.shares, "page_faults": use.page_faults, "voluntary_switches": use.voluntary_switches}
 
 
 def compare(run: dict, before, after) -> dict:
@@ -118,6 +147,10 @@ def report(r: dict, label: str) -> None:
           f"  in CPU time per patch: {r['cpu_time_ratio']:.3f};  peak RSS {r['peak_rss_mb']:.0f} MB (before "
           f"{r['rss_before_mb']:.0f} MB; goal < 4096 MB: {'met' if r['peak_rss_mb'] < 4096 else 'NOT met'}); "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    sh = r["cpu_shares"]
+    print(f"[{label}] during (b): CPU idle {sh['idle']:.1%}, system {sh['system']:.1%}, stolen by the host "
+          f"{sh['steal']:.1%}; {r['page_faults']:,} minor page faults, {r['voluntary_switches']:,} voluntary context "
+          f"switches", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
