@@ -58,6 +58,21 @@ def test_metadata_routed_moe_specialises_and_beats_a_single_mlp(fold_data):
     assert ((out["gates"] > 0).sum(1) == 1).all()  # top-1: one expert per spot
 
 
+def test_load_run_includes_the_seed_a_chapter_opens(monkeypatch):
+    """A chapter run with ``-p seed=1`` opens seed 1's model: its run trains that seed too, whatever ``n_seeds``."""
+    import histomoe_core.benchmark as bm
+    from histomoe_core import tl
+    from histomoe_core.benchmark.config import make_config
+
+    seen = []
+    monkeypatch.setattr(bm, "run_benchmark", lambda dataset, **kw: seen.append(kw.get("seeds")))
+    assert make_config("synthetic").seeds == (0, 1, 2)
+    for kw in ({"seed": 1}, {"seed": 4}, {"n_seeds": 1, "seed": 0}, {"n_seeds": 1, "seed": 1}, {"n_seeds": 3, "seed": 1},
+               {"n_seeds": 1, "seed": 3}, {"n_seeds": 2}):
+        tl.load_run("synthetic", progress=False, **kw)
+    assert seen == [None, (0, 1, 2, 4), (0,), (0, 1), (0, 1, 2), (0, 3), (0, 1)]
+
+
 def test_run_benchmark_writes_a_complete_reloadable_run(monkeypatch):
     import histomoe_core.benchmark as bm
     from histomoe_core.data.genes import select_panel
@@ -93,6 +108,9 @@ def test_run_benchmark_writes_a_complete_reloadable_run(monkeypatch):
     assert p["gates"].shape == (len(p["spot"]), 6) and np.allclose(p["gates"].sum(1), 1, atol=1e-5)
     model = run.load_model("histomoe", first["name"], seed=1, target="log1p")
     assert model.cfg.n_genes == 15 and model.cfg.top_k == 1
+    for opener in (run.predictions, run.load_model):  # a seed the run did not train: one clear line, the fix
+        with pytest.raises(HistoMoEError, match=r"seed 2 is not one of this run's training seeds \(0, 1\).*n_seeds=3"):
+            opener("histomoe", first["name"], seed=2)
     assert run.saved_models() == ["histomoe"]
     # one held-out section rebuilt through the metadata router (a one-hot vocabulary of the whole dataset)
     from histomoe_core import tl

@@ -111,7 +111,7 @@ pd.DataFrame({"unweighted": aux, "weight": model.aux_weights()}).assign(
 # %%
 kw = dict(dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder, n_genes=n_genes,
           epochs=epochs, n_seeds=n_seeds) if dataset == reference else {}
-run = tl.load_run(reference, progress=False, **kw)
+run = tl.load_run(reference, seed=seed, progress=False, **kw)
 summary = run.summary.set_index("model")
 glue("syn_histomoe", float(summary.loc["histomoe", "pearson"]), display=False)
 glue("syn_mlp", float(summary.loc["mlp", "pearson"]), display=False)

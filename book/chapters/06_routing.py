@@ -62,7 +62,7 @@ from histomoe_core import pl, tl
 from histomoe_core.benchmark import describe_model
 
 run = tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
-                  n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False, run_name=run_name,
+                  n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, seed=seed, progress=False, run_name=run_name,
                   **benchmark_overrides)
 target = target or run.config["config"]["targets"][0]
 glue("run_name", run.path.name, display=False)
@@ -82,7 +82,7 @@ pd.Series({"run": run.path.name, "dataset": dataset, "encoder": encoder, "model"
 # (training and held-out sections alike).
 
 # %%
-ref_run = run if dataset == reference else tl.load_run(reference, progress=False, **reference_options)
+ref_run = run if dataset == reference else tl.load_run(reference, seed=seed, progress=False, **reference_options)
 ref_fold = ref_run.config["folds"][0]
 ref_samples = tl.run_samples(ref_run)
 ref = tl.fold_adata(ref_run, ref_fold["name"], model=model, seed=seed, samples=ref_samples)

@@ -78,7 +78,7 @@ from histomoe_core.moe import HistoMoEEndToEnd
 
 torch.set_num_threads(threads)
 run = tl.load_run(dataset, dataset_options=dataset_options, encoder=encoder, text_encoder=text_encoder,
-                  n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, progress=False, run_name=run_name,
+                  n_genes=n_genes, epochs=epochs, n_seeds=n_seeds, seed=seed, progress=False, run_name=run_name,
                   **benchmark_overrides)
 target = target or run.config["config"]["targets"][0]
 samples = tl.run_samples(run)
@@ -242,7 +242,7 @@ conv
 # exactly zero; and a gene's attributions should sit on the cells that drive it.
 
 # %%
-ref_run = run if dataset == reference else tl.load_run(reference, progress=False, **reference_options)
+ref_run = run if dataset == reference else tl.load_run(reference, seed=seed, progress=False, **reference_options)
 ref_samples = tl.run_samples(ref_run)
 ref_fold = ref_run.config["folds"][0]
 ref_section = ref_samples[ref_fold["test"][0]]

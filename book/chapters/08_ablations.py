@@ -113,7 +113,7 @@ ax.set_ylabel("")
 plt.tight_layout()
 
 # %%
-fold_table(run.results, target=targets[0]).round(3)
+pl.tables.shown(fold_table(run.results, target=targets[0]))  # a score that rounds to zero shows 0.0
 
 # %%
 groups = table.groupby("group")["HEST metric"]
@@ -200,7 +200,7 @@ fold_gain = (fold_table(centred.results, target=targets[0]).loc[reference_model]
              - fold_table(run.results, target=targets[0]).loc[reference_model]).drop("mean")
 glue("emb_fold", str(fold_gain.abs().idxmax()), display=False)
 glue("emb_fold_gain", float(fold_gain[fold_gain.abs().idxmax()]), display=False)
-fold_table(centred.results, target=targets[0]).round(3)
+pl.tables.shown(fold_table(centred.results, target=targets[0]))
 
 # %% [markdown]
 # With section-centred embeddings the best reference model is {glue:text}`emb_best`

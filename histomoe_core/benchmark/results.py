@@ -112,7 +112,14 @@ class BenchmarkRun:
     def panel(self, target: str, fold: str) -> pd.DataFrame:
         return pd.read_csv(self.path / "panels" / target / f"{fold}.csv", index_col=0)
 
+    def _check_seed(self, seed: int) -> None:
+        seeds = [int(s) for s in self.config["config"]["seeds"]]
+        if int(seed) not in seeds:
+            raise HistoMoEError(f"seed {seed} is not one of this run's training seeds ({', '.join(map(str, seeds))}); "
+                                f"open one of those, or run with n_seeds={int(seed) + 1}")
+
     def predictions(self, model: str, fold: str, seed: int = 0, target: str | None = None) -> dict[str, np.ndarray]:
+        self._check_seed(seed)
         target = target or self.config["config"]["targets"][0]
         with np.load(self.path / "predictions" / target / model / f"{fold}_seed{seed}.npz", allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -123,6 +130,7 @@ class BenchmarkRun:
 
         from histomoe_core.moe import HistoMoE, MoEConfig
 
+        self._check_seed(seed)
         target = target or self.config["config"]["targets"][0]
         path = self.path / "models" / target / model / f"{fold}_seed{seed}.pt"
         if not path.exists():

@@ -139,13 +139,15 @@ def open_run(name: str):
 
 def load_run(dataset: str, *, dataset_options: dict | None = None, encoder: str | None = None,
              text_encoder: str | None = None, n_genes: int | None = None, epochs: int | None = None,
-             n_seeds: int | None = None, progress: bool = True, run_name: str | None = None, **overrides):
+             n_seeds: int | None = None, seed: int | None = None, progress: bool = True, run_name: str | None = None,
+             **overrides):
     """The benchmark run for book parameters: reloaded when it exists, else run (and cached).
 
     ``dataset`` names a benchmark profile (``her2st``, ``synthetic``, ``hest``); the other arguments override the
     profile only when given (None keeps its value): ``epochs`` the training epochs, ``n_seeds`` the seeds 0..n-1,
     ``dataset_options`` update the profile's (e.g. ``{"max_spots": 1000}``, :func:`~histomoe_core.data.load_dataset`).
-    ``run_name`` opens that finished run folder instead (see :func:`open_run`).
+    ``seed``: a training seed the caller will open (a chapter's ``seed`` parameter); the run's seeds are extended
+    to include it when they do not. ``run_name`` opens that finished run folder instead (see :func:`open_run`).
     """
     from histomoe_core.benchmark import PROFILES, TRAIN, run_benchmark
 
@@ -162,4 +164,10 @@ def load_run(dataset: str, *, dataset_options: dict | None = None, encoder: str 
         kw["train"] = {**TRAIN, **dict(PROFILES[dataset].get("train") or {}), "epochs": int(epochs)}
     if n_seeds is not None:
         kw["seeds"] = tuple(range(int(n_seeds)))
+    if seed is not None:
+        from histomoe_core.benchmark.config import make_config
+
+        seeds = tuple(kw.get("seeds") or make_config(dataset).seeds)
+        if int(seed) not in seeds:
+            kw["seeds"] = tuple(sorted({*seeds, int(seed)}))
     return run_benchmark(dataset, encoder=encoder, text_encoder=text_encoder, n_genes=n_genes, progress=progress, **kw)
