@@ -171,6 +171,7 @@ def test_shown_table_rounds_without_negative_zero_and_names_empty_cells():
     t = pd.DataFrame({"r": [0.12345, -0.0004, float("nan")], "n": [1, 2, 3], "s": ["a", None, "c"]},
                      index=["x", "y", "z"])
     out = pl.tables.shown(t, digits=3, missing="n/a")
-    assert out["r"].tolist() == [0.123, 0.0, "n/a"] and str(out.loc["y", "r"]) == "0.0"  # not "-0.0"
+    assert out["r"].tolist() == ["0.123", "0.000", "n/a"]  # the same digits in every cell, not "-0.000"
+    assert pl.tables.shown(pd.DataFrame({"r": [0.19, 0.3481]}))["r"].tolist() == ["0.190", "0.348"]
     assert out["n"].tolist() == [1, 2, 3] and out["s"].tolist() == ["a", "n/a", "c"]
     assert t["r"].iloc[1] == -0.0004  # the input is left as it was
