@@ -113,7 +113,7 @@ ax.set_ylabel("")
 plt.tight_layout()
 
 # %%
-pl.tables.shown(fold_table(run.results, target=targets[0]))  # a score that rounds to zero shows 0.0
+pl.tables.shown(fold_table(run.results, target=targets[0]))  # a score that rounds to zero reads 0.000
 
 # %%
 groups = table.groupby("group")["HEST metric"]
