@@ -20,7 +20,8 @@ Prints, per run, both rates in patches/s, their ratio (goal >= 0.85), the same r
 (less sensitive to other programs sharing the machine), how long the encoder waited for patches, and the peak
 resident memory of the pipeline (goal < 4 GB while a 9k x 10k px her2st section is embedded), and what the
 machine did meanwhile (CPU idle, system and stolen shares; page faults; voluntary context switches, which show
-threads blocking on each other); then the median ratio per setting. Not a test: the numbers depend on the machine and on what else runs on it.
+threads blocking on each other); then the median ratio per setting. Not a test: the numbers depend on the machine
+and on what else runs on it.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class MachineUse:
         d = [b - a for a, b in zip(self._stat, self._ticks())]
         ru = resource.getrusage(resource.RUSAGE_SELF)
         total = sum(d) or 1
-        self.shares = {"idle": (d[3] + d[4]) / total, "system": d[2] / total, "steal": d[7] / total if len(d) > 7 else 0.0}
+        idle, system, steal = d[3] + d[4], d[2], d[7] if len(d) > 7 else 0  # idle + iowait; steal: the host's
+        self.shares = {"idle": idle / total, "system": system / total, "steal": steal / total}
         self.page_faults = ru.ru_minflt - self._ru.ru_minflt
         self.voluntary_switches = ru.ru_nvcsw - self._ru.ru_nvcsw
 

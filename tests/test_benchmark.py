@@ -67,8 +67,8 @@ def test_load_run_includes_the_seed_a_chapter_opens(monkeypatch):
     seen = []
     monkeypatch.setattr(bm, "run_benchmark", lambda dataset, **kw: seen.append(kw.get("seeds")))
     assert make_config("synthetic").seeds == (0, 1, 2)
-    for kw in ({"seed": 1}, {"seed": 4}, {"n_seeds": 1, "seed": 0}, {"n_seeds": 1, "seed": 1}, {"n_seeds": 3, "seed": 1},
-               {"n_seeds": 1, "seed": 3}, {"n_seeds": 2}):
+    for kw in ({"seed": 1}, {"seed": 4}, {"n_seeds": 1, "seed": 0}, {"n_seeds": 1, "seed": 1},
+               {"n_seeds": 3, "seed": 1}, {"n_seeds": 1, "seed": 3}, {"n_seeds": 2}):
         tl.load_run("synthetic", progress=False, **kw)
     assert seen == [None, (0, 1, 2, 4), (0,), (0, 1), (0, 1, 2), (0, 3), (0, 1)]
 

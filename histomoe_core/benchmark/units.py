@@ -246,7 +246,7 @@ def fit_pending(cfg: BenchmarkConfig, jobs: Sequence[Job], *, n_jobs: int, threa
             bar.refresh()
 
     try:
-        if n_jobs <= 1 or len(jobs) <= 1 and all(j.then is None for j in jobs):
+        if n_jobs <= 1 or (len(jobs) <= 1 and all(j.then is None for j in jobs)):
             while queue:
                 job = queue.pop()
                 job.fn(*job.args)

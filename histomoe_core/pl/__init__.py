@@ -1,7 +1,8 @@
 """Plotting (scanpy-style ``pl``): functions take data first, keyword-only options, and return figures.
 
 Submodules load on first use (``pl.data.sections``, ``pl.datasets.section_grid``, ``pl.routing.expert_map``, ``pl.genes``, ``pl.attributions``,
-``pl.interactive``, ``pl.embeddings``, ``pl.spatial_context``, ``pl.tables``), so code that draws one kind of figure imports only what it draws.
+``pl.interactive``, ``pl.embeddings``, ``pl.spatial_context``, ``pl.tables``), so code that draws one kind of figure
+imports only what it draws.
 """
 from __future__ import annotations
 
