@@ -2,16 +2,21 @@
 
 :class:`Prefetcher` starts one producer thread (``histomoe-patches``) that walks the jobs in order: it decodes
 each slide, crops and resizes its patches in batches (:func:`~histomoe_core.data.patches.slide_batches`) and
-normalises them with the encoder's own ``preprocess`` into one contiguous tensor per batch. A bounded queue
-(``depth`` batches) hands them to the calling thread, which runs the forward pass. PIL and torch release the
+normalises them with the encoder's own ``preprocess`` into one contiguous tensor per batch. Batches run across
+slides (:func:`full_batches`): the last patches of one slide share a batch with the first of the next, so every
+forward but the run's last sees a full batch (fewer, equal-shaped forwards: less heap for the activations on a
+CPU, no padded short batch per slide on a GPU). A bounded queue (``depth`` batches) hands them to the calling
+thread, which runs the forward pass. PIL and torch release the
 GIL, so the two overlap on a CPU too: while the encoder works on the last batches of a slide, the producer
 decodes the next one. ``threads`` > 0 adds helper threads (``histomoe-decode``: that many of the next slides
 decoded ahead; ``histomoe-crop``: the crops of a batch in parallel), which a GPU needs and a CPU does not
 (:func:`patch_threads`; ``benchmarks/bench_embed.py --patch-threads 0 1`` measures both).
 
-The patches, their order and the batches are those of the serial loop (``slide_batches`` then ``preprocess``
-then the encoder), so the embeddings are bit-identical to it for the same batch size and thread count
-(``tests/test_embed.py`` checks it). Closing the prefetcher (at the end, on an error on either side, or on
+The patches, their order and the batches are those of the serial loop (``slide_batches`` regrouped by
+``full_batches``, then ``preprocess``, then the encoder), so the embeddings are bit-identical to it for the same
+batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
+patches of its batch, except through the batch's size on some CPU kernels (oneDNN picks another convolution for
+a batch of one). Closing the prefetcher (at the end, on an error on either side, or on
 ``KeyboardInterrupt``) stops and joins every thread it started.
 
 :func:`run_jobs` is the consumer: forward pass, one cache chunk per batch, one finished file per sample.
@@ -24,7 +29,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +49,15 @@ class PatchReader(Protocol):
                 indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
     def cache_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The spots of one job in a batch, in its rows' order; ``last``: the job is finished once the batch is."""
+
+    job: int
+    idx: np.ndarray
+    last: bool = False
 
 
 @dataclass
@@ -77,6 +91,51 @@ def patch_threads(device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | None]],
+                 batch_size: int) -> Iterator[tuple[list[Segment], np.ndarray | None]]:
+    """Regroup each job's patch batches into batches of exactly ``batch_size`` patches that may span jobs.
+
+    ``pieces``: ``(job, spot indices, uint8 patches)`` in order, and ``(job, None, None)`` once a job has no more.
+    Yields ``(segments, patches)``: the batch's patches (``None`` for a batch that only ends jobs) and, in its rows'
+    order, one :class:`Segment` per job it holds; a job's ``last`` segment comes in the batch with its last
+    patches (or in a batch of its own when it had none left). Only the final batch may be shorter."""
+    pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (job, idx, patches); patches None: job ends
+    n_pending = 0
+
+    def take(n: int) -> tuple[list[Segment], np.ndarray | None]:
+        nonlocal n_pending
+        segs: list[Segment] = []
+        parts = []
+        while pending and (n > 0 or pending[0][2] is None):
+            j, idx, p = pending.pop(0)
+            m = 0 if p is None else min(n, len(idx))
+            if p is not None and m < len(idx):  # the rest waits for the next batch
+                pending.insert(0, (j, idx[m:], p[m:]))
+            if p is not None:
+                parts.append(p[:m])
+            ends = p is None  # the job's end: its last patches are in this batch or an earlier one
+            if segs and segs[-1].job == j:
+                segs[-1] = Segment(j, np.concatenate([segs[-1].idx, idx[:m]]), ends)
+            else:
+                segs.append(Segment(j, idx[:m], ends))
+            n, n_pending = n - m, n_pending - m
+        patches = None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return segs, patches
+
+    for j, idx, patches in pieces:
+        if patches is None:
+            pending.append((j, np.zeros(0, np.int64), None))
+            if n_pending == 0:  # nothing of it waits for patches of the next job: finish it now
+                yield take(0)
+            continue
+        pending.append((j, np.asarray(idx), patches))
+        n_pending += len(idx)
+        while n_pending >= batch_size:
+            yield take(batch_size)
+    while pending:
+        yield take(batch_size)
+
+
 # ------------------------------------------------------------------------------------------------ producer
 def yield_to_encoder() -> None:
     """Run the calling (patch) thread at idle priority (Linux ``SCHED_IDLE``): on a CPU the encoder's threads use
@@ -90,10 +149,10 @@ def yield_to_encoder() -> None:
 
 
 class Prefetcher:
-    """Batches ``(job index, spot indices, normalised tensor)`` of every job, made in background threads.
+    """Batches ``(segments, normalised tensor)`` of :func:`full_batches` over every job, made in background threads.
 
-    Iterate inside a ``with`` block; a batch with ``idx`` None ends a job. An error in the producer is raised
-    in the iterating thread; leaving the block (normally or not) stops and joins every thread.
+    Iterate inside a ``with`` block; the tensor is None for a batch that only ends jobs. An error in the producer
+    is raised in the iterating thread; leaving the block (normally or not) stops and joins every thread.
     """
 
     def __init__(self, jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int,
@@ -123,7 +182,7 @@ class Prefetcher:
         if self._thread.ident is not None:
             self._thread.join()
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None, torch.Tensor | None]]:
+    def __iter__(self) -> Iterator[tuple[list[Segment], torch.Tensor | None]]:
         while True:
             t0 = time.perf_counter()
             item = self._q.get()
@@ -164,6 +223,15 @@ class Prefetcher:
 
     def _produce_all(self, decoder: ThreadPoolExecutor | None, crops: ThreadPoolExecutor | None,
                      ahead: dict[int, Future]) -> None:
+        for segments, patches in full_batches(self._pieces(decoder, crops, ahead), self.batch_size):
+            x = None if patches is None else self.encoder.preprocess(patches)
+            if not self._put((segments, x if x is None or not self.pin else x.pin_memory())):
+                return
+        self._put(_DONE)
+
+    def _pieces(self, decoder: ThreadPoolExecutor | None, crops: ThreadPoolExecutor | None,
+                ahead: dict[int, Future]) -> Iterator[tuple[int, np.ndarray | None, np.ndarray | None]]:
+        """Each job's ``(j, spot indices, uint8 patches)`` batches then ``(j, None, None)``, slides decoded ahead."""
         todo = [j for j, job in enumerate(self.jobs) if len(job.missing)]
         for j in todo[: self.threads if decoder is not None else 0]:
             ahead[j] = decoder.submit(open_slide, self.jobs[j].sample)
@@ -175,12 +243,8 @@ class Prefetcher:
                     for k in nxt:
                         ahead[k] = decoder.submit(open_slide, self.jobs[k].sample)
                 for idx, patches in self._batches(job, opened, crops):
-                    x = self.encoder.preprocess(patches)
-                    if not self._put((j, idx, x.pin_memory() if self.pin else x)):
-                        return
-            if not self._put((j, None, None)):
-                return
-        self._put(_DONE)
+                    yield j, idx, patches
+            yield j, None, None
 
     def _batches(self, job: Job, opened: object, crops: ThreadPoolExecutor | None):
         if self.reader is not None:
@@ -207,27 +271,37 @@ def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, ba
                           threads=patch_threads(device) if threads is None else threads)
     try:
         with prefetch, torch.inference_mode(), autocast:
-            for j, idx, x in prefetch:
-                job = jobs[j]
-                if idx is None:
-                    out[job.sample.sample_id] = finalize(job.entry, job.sample, *job.all_done())
-                    continue
-                t_fwd = time.perf_counter()
-                z = _forward(encoder, x, device, batch_size)
-                stats.forward_s += time.perf_counter() - t_fwd
-                write_chunk(job.entry, idx, z)
-                job.new.append((idx, z))
-                stats.n_patches += len(idx)
-                bar.update(len(idx))
+            for segments, x in prefetch:
+                z = None
+                if x is not None:
+                    t_fwd = time.perf_counter()
+                    z = _forward(encoder, x, device, batch_size)
+                    stats.forward_s += time.perf_counter() - t_fwd
+                    stats.n_patches += len(z)
+                    bar.update(len(z))
+                _store(jobs, segments, z, out)
     finally:
         stats.starved_s += prefetch.waited_s
         bar.close()
     return out
 
 
+def _store(jobs: Sequence[Job], segments: Sequence[Segment], z: np.ndarray | None, out: dict[str, np.ndarray]) -> None:
+    """One batch's rows to each job's cache chunk (in the segments' order); finished jobs' files into ``out``."""
+    start = 0
+    for seg in segments:
+        job = jobs[seg.job]
+        if len(seg.idx):
+            part, start = z[start : start + len(seg.idx)], start + len(seg.idx)
+            write_chunk(job.entry, seg.idx, part)
+            job.new.append((seg.idx, part))
+        if seg.last:
+            out[job.sample.sample_id] = finalize(job.entry, job.sample, *job.all_done())
+
+
 def _forward(encoder: VisionEncoder, x: torch.Tensor, device: torch.device, batch_size: int) -> np.ndarray:
-    """(n, D) float32 embeddings of one batch; on a GPU a short batch is padded to one input shape (no new
-    kernel choice per section)."""
+    """(n, D) float32 embeddings of one batch; on a GPU the run's short last batch is padded to the batch size
+    (one input shape, no new kernel choice)."""
     n = len(x)
     if device.type == "cuda" and n < batch_size:
         x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])

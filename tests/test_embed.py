@@ -92,17 +92,77 @@ def test_slide_batches_match_on_her2st(her2st):
 
 # ------------------------------------------------------------------------------------------------ results
 def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """The loop the pipeline overlaps, run in one thread: crop a batch, normalise it, embed it, next batch."""
+    """The loop the pipeline overlaps, run in one thread: crop a batch (batches run across slides), normalise it,
+    embed it, next batch."""
     from histomoe_core.embed import embed_threads, fixed_threads
+    from histomoe_core.embed_pipeline import full_batches
 
+    samples = list(samples)
     enc = enc.eval().to(memory_format=torch.channels_last)
-    out = {}
-    with torch.inference_mode(), fixed_threads(embed_threads(torch.device("cpu"))):
-        for s in samples:
-            out[s.sample_id] = np.full((s.n_spots, enc.embed_dim), np.nan, np.float32)
+    out = {s.sample_id: np.full((s.n_spots, enc.embed_dim), np.nan, np.float32) for s in samples}
+
+    def pieces():
+        for j, s in enumerate(samples):
             for idx, batch in slide_batches(s, batch_size=batch_size):
-                out[s.sample_id][idx] = enc(enc.preprocess(batch)).numpy()
+                yield j, idx, batch
+            yield j, None, None
+
+    with torch.inference_mode(), fixed_threads(embed_threads(torch.device("cpu"))):
+        for segments, batch in full_batches(pieces(), batch_size):
+            z, start = (enc(enc.preprocess(batch)).numpy() if batch is not None else None), 0
+            for seg in segments:
+                out[samples[seg.job].sample_id][seg.idx] = z[start : start + len(seg.idx)]
+                start += len(seg.idx)
     return out
+
+
+def _regrouped(sizes: list[int], piece: int, batch_size: int):
+    """full_batches over jobs of ``sizes`` spots cut into pieces of ``piece``; patch values name (job, spot)."""
+    from histomoe_core.embed_pipeline import full_batches
+
+    def pieces():
+        for j, n in enumerate(sizes):
+            for start in range(0, n, piece):
+                idx = np.arange(start, min(start + piece, n))
+                yield j, idx, np.stack([np.full((2, 2, 3), 10 * j + i, np.uint8) for i in idx])
+            yield j, None, None
+
+    return list(full_batches(pieces(), batch_size))
+
+
+def test_full_batches_run_across_jobs():
+    got = _regrouped([5, 4, 0, 2], piece=3, batch_size=4)
+    shown = [[(g.job, g.idx.tolist(), g.last) for g in segs] for segs, _ in got]
+    assert shown == [
+        [(0, [0, 1, 2, 3], False)],
+        [(0, [4], True), (1, [0, 1, 2], False)],
+        [(1, [3], True), (2, [], True), (3, [0, 1], True)],
+    ]
+    assert [None if p is None else p[:, 0, 0, 0].tolist() for _, p in got] == [
+        [0, 1, 2, 3], [4, 10, 11, 12], [13, 30, 31]]
+
+
+def test_full_batches_end_a_job_whose_patches_filled_a_batch_at_once():
+    got = _regrouped([4, 3], piece=2, batch_size=4)
+    assert [([(g.job, len(g.idx), g.last) for g in segs], p is None) for segs, p in got] == [
+        ([(0, 4, False)], False), ([(0, 0, True)], True), ([(1, 3, True)], False)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_full_batches_keep_every_patch_in_order_in_full_batches(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 20, 6).tolist()
+    batch_size = int(rng.integers(1, 9))
+    got = _regrouped(sizes, piece=int(rng.integers(1, 7)), batch_size=batch_size)
+    counts = [sum(len(g.idx) for g in segs) for segs, _ in got]
+    assert all(c == (0 if p is None else len(p)) for c, (_, p) in zip(counts, got))
+    assert all(c == batch_size for c in [c for c in counts if c][:-1])  # only the final batch may be short
+    values = np.concatenate([p[:, 0, 0, 0] for _, p in got if p is not None]) if sum(sizes) else np.zeros(0)
+    assert values.tolist() == [10 * j + i for j, n in enumerate(sizes) for i in range(n)]
+    for j, n in enumerate(sizes):
+        mine = [(b, g) for b, (segs, _) in enumerate(got) for g in segs if g.job == j]
+        assert np.concatenate([g.idx for _, g in mine]).tolist() == list(range(n))
+        assert [g.last for _, g in mine] == [False] * (len(mine) - 1) + [True]
 
 
 @pytest.mark.parametrize("threads", ["0", "1", "2"])
@@ -175,8 +235,8 @@ def test_prefetcher_stopped_early_joins_its_threads(toy):
 
     jobs = [Job(s, None, np.arange(s.n_spots), np.arange(0), np.zeros((0, 16), np.float32)) for s in toy]
     with Prefetcher(jobs, create_encoder("tiny"), PatchSpec(), batch_size=2, threads=2, depth=1) as pf:
-        j, idx, x = next(iter(pf))
-        assert j == 0 and len(idx) == 2 and x.shape == (2, 3, 224, 224)
+        segments, x = next(iter(pf))
+        assert [(g.job, len(g.idx), g.last) for g in segments] == [(0, 2, False)] and x.shape == (2, 3, 224, 224)
     assert _pipeline_threads() == []
 
 
