@@ -6,18 +6,18 @@ normalises them with the encoder's own ``preprocess`` into one contiguous tensor
 slides (:func:`full_batches`): the last patches of one slide share a batch with the first of the next, so every
 forward but the run's last sees a full batch (fewer, equal-shaped forwards: less heap for the activations on a
 CPU, no padded short batch per slide on a GPU). A bounded queue (``depth`` batches) hands them to the calling
-thread, which runs the forward pass. PIL and torch release the
-GIL, so the two overlap on a CPU too: while the encoder works on the last batches of a slide, the producer
-decodes the next one. ``threads`` > 0 adds helper threads (``histomoe-decode``: that many of the next slides
-decoded ahead; ``histomoe-crop``: the crops of a batch in parallel), which a GPU needs and a CPU does not
-(:func:`patch_threads`; ``benchmarks/bench_embed.py --patch-threads 0 1`` measures both).
+thread, which runs the forward pass. PIL and torch release the GIL, so the two overlap on a CPU too: while the
+encoder works on the last batches of a slide, the producer decodes the next one. ``threads`` > 0 adds helper
+threads (``histomoe-decode``: that many of the next slides decoded ahead; ``histomoe-crop``: the crops of a batch
+in parallel), which a GPU needs and a CPU does not (:func:`patch_threads`; ``benchmarks/bench_embed.py
+--patch-threads 0 1`` measures both).
 
 The patches, their order and the batches are those of the serial loop (``slide_batches`` regrouped by
 ``full_batches``, then ``preprocess``, then the encoder), so the embeddings are bit-identical to it for the same
 batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
 patches of its batch, except through the batch's size on some CPU kernels (oneDNN picks another convolution for
-a batch of one). Closing the prefetcher (at the end, on an error on either side, or on
-``KeyboardInterrupt``) stops and joins every thread it started.
+a batch of one). Closing the prefetcher (at the end, on an error on either side, or on ``KeyboardInterrupt``)
+stops and joins every thread it started.
 
 :func:`run_jobs` is the consumer: forward pass, one cache chunk per batch, one finished file per sample.
 """
@@ -27,6 +27,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence
@@ -99,7 +100,7 @@ def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | Non
     Yields ``(segments, patches)``: the batch's patches (``None`` for a batch that only ends jobs) and, in its rows'
     order, one :class:`Segment` per job it holds; a job's ``last`` segment comes in the batch with its last
     patches (or in a batch of its own when it had none left). Only the final batch may be shorter."""
-    pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (job, idx, patches); patches None: job ends
+    pending: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()  # (job, idx, patches); None: job ends
     n_pending = 0
 
     def take(n: int) -> tuple[list[Segment], np.ndarray | None]:
@@ -107,20 +108,17 @@ def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | Non
         segs: list[Segment] = []
         parts = []
         while pending and (n > 0 or pending[0][2] is None):
-            j, idx, p = pending.pop(0)
-            m = 0 if p is None else min(n, len(idx))
-            if p is not None and m < len(idx):  # the rest waits for the next batch
-                pending.insert(0, (j, idx[m:], p[m:]))
-            if p is not None:
-                parts.append(p[:m])
-            ends = p is None  # the job's end: its last patches are in this batch or an earlier one
-            if segs and segs[-1].job == j:
-                segs[-1] = Segment(j, np.concatenate([segs[-1].idx, idx[:m]]), ends)
-            else:
-                segs.append(Segment(j, idx[:m], ends))
+            j, idx, p = pending.popleft()
+            if p is None:  # the job ends: its last patches are in this batch or an earlier one
+                _add(segs, j, idx, last=True)
+                continue
+            m = min(n, len(idx))
+            if m < len(idx):  # the rest waits for the next batch
+                pending.appendleft((j, idx[m:], p[m:]))
+            _add(segs, j, idx[:m])
+            parts.append(p[:m])
             n, n_pending = n - m, n_pending - m
-        patches = None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return segs, patches
+        return segs, (None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     for j, idx, patches in pieces:
         if patches is None:
@@ -134,6 +132,14 @@ def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | Non
             yield take(batch_size)
     while pending:
         yield take(batch_size)
+
+
+def _add(segs: list[Segment], job: int, idx: np.ndarray, last: bool = False) -> None:
+    """Append the spots of ``job`` to a batch's segments, into its last segment when that is the same job's."""
+    if segs and segs[-1].job == job:
+        segs[-1] = Segment(job, np.concatenate([segs[-1].idx, idx]), last)
+    else:
+        segs.append(Segment(job, idx, last))
 
 
 # ------------------------------------------------------------------------------------------------ producer
@@ -286,7 +292,8 @@ def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, ba
     return out
 
 
-def _store(jobs: Sequence[Job], segments: Sequence[Segment], z: np.ndarray | None, out: dict[str, np.ndarray]) -> None:
+def _store(jobs: Sequence[Job], segments: Sequence[Segment], z: np.ndarray | None,
+           out: dict[str, np.ndarray]) -> None:
     """One batch's rows to each job's cache chunk (in the segments' order); finished jobs' files into ``out``."""
     start = 0
     for seg in segments:
