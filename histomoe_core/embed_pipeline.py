@@ -16,7 +16,8 @@ The patches, their order and the batches are those of the serial loop (``slide_b
 ``full_batches``, then ``preprocess``, then the encoder), so the embeddings are bit-identical to it for the same
 batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
 patches of its batch, except through the batch's size on some CPU kernels (oneDNN picks another convolution for
-a batch of one). Closing the prefetcher (at the end, on an error on either side, or on ``KeyboardInterrupt``)
+a batch of one): so a sample's vectors can differ in the last bits only when its last spot is alone in the run's
+final batch, which depends on the samples embedded with it (the batch size is not part of the cache key either). Closing the prefetcher (at the end, on an error on either side, or on ``KeyboardInterrupt``)
 stops and joins every thread it started.
 
 :func:`run_jobs` is the consumer: forward pass, one cache chunk per batch, one finished file per sample.
@@ -99,7 +100,8 @@ def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | Non
     ``pieces``: ``(job, spot indices, uint8 patches)`` in order, and ``(job, None, None)`` once a job has no more.
     Yields ``(segments, patches)``: the batch's patches (``None`` for a batch that only ends jobs) and, in its rows'
     order, one :class:`Segment` per job it holds; a job's ``last`` segment comes in the batch with its last
-    patches (or in a batch of its own when it had none left). Only the final batch may be shorter."""
+    patches, or, when those completed a batch or it had none, in a batch of end segments only (patches None)
+    yielded at once. Only the final batch may be shorter."""
     pending: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()  # (job, idx, patches); None: job ends
     n_pending = 0
 

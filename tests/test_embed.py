@@ -93,7 +93,8 @@ def test_slide_batches_match_on_her2st(her2st):
 # ------------------------------------------------------------------------------------------------ results
 def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The loop the pipeline overlaps, run in one thread: crop a batch (batches run across slides), normalise it,
-    embed it, next batch."""
+    embed it, next batch. It regroups with ``full_batches`` as the pipeline does; rows reaching the wrong spot are
+    caught by ``test_embeddings_match_direct_computation_in_obs_order``, which embeds each spot on its own."""
     from histomoe_core.embed import embed_threads, fixed_threads
     from histomoe_core.embed_pipeline import full_batches
 
@@ -117,14 +118,15 @@ def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
 
 
 def _regrouped(sizes: list[int], piece: int, batch_size: int):
-    """full_batches over jobs of ``sizes`` spots cut into pieces of ``piece``; patch values name (job, spot)."""
+    """full_batches over jobs of ``sizes`` spots cut into pieces of ``piece``; a patch's channels 0 and 1 hold its
+    job and spot, its value at channel 2 is 10 * job + spot."""
     from histomoe_core.embed_pipeline import full_batches
 
     def pieces():
         for j, n in enumerate(sizes):
             for start in range(0, n, piece):
                 idx = np.arange(start, min(start + piece, n))
-                yield j, idx, np.stack([np.full((2, 2, 3), 10 * j + i, np.uint8) for i in idx])
+                yield j, idx, np.stack([np.full((2, 2, 3), (j, i, 10 * j + i), np.uint8) for i in idx])
             yield j, None, None
 
     return list(full_batches(pieces(), batch_size))
@@ -138,7 +140,7 @@ def test_full_batches_run_across_jobs():
         [(0, [4], True), (1, [0, 1, 2], False)],
         [(1, [3], True), (2, [], True), (3, [0, 1], True)],
     ]
-    assert [None if p is None else p[:, 0, 0, 0].tolist() for _, p in got] == [
+    assert [None if p is None else p[:, 0, 0, 2].tolist() for _, p in got] == [
         [0, 1, 2, 3], [4, 10, 11, 12], [13, 30, 31]]
 
 
@@ -154,15 +156,19 @@ def test_full_batches_keep_every_patch_in_order_in_full_batches(seed):
     sizes = rng.integers(0, 20, 6).tolist()
     batch_size = int(rng.integers(1, 9))
     got = _regrouped(sizes, piece=int(rng.integers(1, 7)), batch_size=batch_size)
-    counts = [sum(len(g.idx) for g in segs) for segs, _ in got]
-    assert all(c == (0 if p is None else len(p)) for c, (_, p) in zip(counts, got))
+    for segs, p in got:  # each batch's rows are its segments' spots, in order
+        rows = [(g.job, i) for g in segs for i in g.idx]
+        assert (p is None and rows == []) or p[:, 0, 0, :2].tolist() == [list(r) for r in rows]
+        assert len({g.job for g in segs}) == len(segs)
+    counts = [0 if p is None else len(p) for _, p in got]
     assert all(c == batch_size for c in [c for c in counts if c][:-1])  # only the final batch may be short
-    values = np.concatenate([p[:, 0, 0, 0] for _, p in got if p is not None]) if sum(sizes) else np.zeros(0)
-    assert values.tolist() == [10 * j + i for j, n in enumerate(sizes) for i in range(n)]
+    assert max(counts, default=0) <= batch_size
+    rows = [tuple(r) for _, p in got if p is not None for r in p[:, 0, 0, :2].tolist()]
+    assert rows == [(j, i) for j, n in enumerate(sizes) for i in range(n)]
     for j, n in enumerate(sizes):
-        mine = [(b, g) for b, (segs, _) in enumerate(got) for g in segs if g.job == j]
-        assert np.concatenate([g.idx for _, g in mine]).tolist() == list(range(n))
-        assert [g.last for _, g in mine] == [False] * (len(mine) - 1) + [True]
+        mine = [g for segs, _ in got for g in segs if g.job == j]
+        assert np.concatenate([g.idx for g in mine]).tolist() == list(range(n))
+        assert [g.last for g in mine] == [False] * (len(mine) - 1) + [True]
 
 
 @pytest.mark.parametrize("threads", ["0", "1", "2"])
