@@ -17,8 +17,9 @@ The patches, their order and the batches are those of the serial loop (``slide_b
 batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
 patches of its batch, except through the batch's size on some CPU kernels (oneDNN picks another convolution for
 a batch of one): so a sample's vectors can differ in the last bits only when its last spot is alone in the run's
-final batch, which depends on the samples embedded with it (the batch size is not part of the cache key either). Closing the prefetcher (at the end, on an error on either side, or on ``KeyboardInterrupt``)
-stops and joins every thread it started.
+final batch, which depends on the samples embedded with it (the batch size is not part of the cache key either).
+Closing the prefetcher (at the end, on an error on either side, or on ``KeyboardInterrupt``) stops and joins
+every thread it started.
 
 :func:`run_jobs` is the consumer: forward pass, one cache chunk per batch, one finished file per sample.
 """
