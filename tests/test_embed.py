@@ -94,7 +94,7 @@ def test_slide_batches_match_on_her2st(her2st):
 def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The loop the pipeline overlaps, run in one thread: crop a batch (batches run across slides), normalise it,
     embed it, next batch. It regroups with ``full_batches`` as the pipeline does; rows reaching the wrong spot are
-    caught by ``test_embeddings_match_direct_computation_in_obs_order``, which embeds each spot on its own."""
+    caught by ``test_embeddings_match_direct_computation_in_obs_order``, which embeds each sample on its own."""
     from histomoe_core.embed import embed_threads, fixed_threads
     from histomoe_core.embed_pipeline import full_batches
 
