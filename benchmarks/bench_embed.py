@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -73,8 +74,6 @@ class MachineUse:
     an OpenMP worker going to sleep between parallel regions, a queue)."""
 
     def __enter__(self) -> "MachineUse":
-        import resource
-
         self._stat, self._ru = self._ticks(), resource.getrusage(resource.RUSAGE_SELF)
         return self
 
@@ -84,8 +83,6 @@ class MachineUse:
             return [int(v) for v in f.readline().split()[1:]]
 
     def __exit__(self, *exc) -> None:
-        import resource
-
         d = [b - a for a, b in zip(self._stat, self._ticks())]
         ru = resource.getrusage(resource.RUSAGE_SELF)
         total = sum(d) or 1

@@ -234,7 +234,9 @@ class Prefetcher:
                      ahead: dict[int, Future]) -> None:
         for segments, patches in full_batches(self._pieces(decoder, crops, ahead), self.batch_size):
             x = None if patches is None else self.encoder.preprocess(patches)
-            if not self._put((segments, x if x is None or not self.pin else x.pin_memory())):
+            if x is not None and self.pin:
+                x = x.pin_memory()
+            if not self._put((segments, x)):
                 return
         self._put(_DONE)
 
