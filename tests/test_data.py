@@ -153,6 +153,45 @@ def test_patches_have_the_physical_size(her2st):
     assert batch.std() > 10  # real tissue, not padding
 
 
+def _her2st_crops(sample, crop_px: int, n: int = 12) -> np.ndarray:
+    from histomoe_core.data.patches import _pil_crop, crop_boxes, open_slide
+
+    with open_slide(sample) as im:
+        return np.stack([_pil_crop(im, b) for b in crop_boxes(sample.coords[:n], crop_px)])
+
+
+@pytest.mark.parametrize("sid, crop_px", [("A1", 35), ("B4", 163), ("B4", 448), ("B4", 224)])
+def test_resize_patches_is_pils_bicubic(her2st, sid, crop_px):
+    """Upsampled (35 px at 3.2 µm/px, 163 px at 0.69), downsampled (448) or kept: PIL's bicubic within 2 levels."""
+    from PIL import Image
+
+    from histomoe_core.data.patches import resize_patches
+
+    crops = _her2st_crops(her2st[sid], crop_px)
+    got = resize_patches(crops, 224)
+    want = np.stack([np.asarray(Image.fromarray(c).resize((224, 224), Image.BICUBIC)) for c in crops])
+    diff = np.abs(got.astype(int) - want)
+    assert got.shape == (len(crops), 224, 224, 3) and got.dtype == np.uint8
+    assert diff.max() <= 2 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+    if crop_px == 224:
+        assert got is crops  # nothing to resize
+
+
+def test_a_patch_is_resized_alike_in_any_batch_and_thread_count(her2st):
+    from histomoe_core.data.patches import resize_patches
+    from histomoe_core.embed import fixed_threads
+
+    crops = _her2st_crops(her2st["B4"], 163)
+    alone = np.stack([resize_patches(c[None], 224)[0] for c in crops])
+    with fixed_threads(1):
+        one = resize_patches(crops, 224)
+    with fixed_threads(2):
+        two = resize_patches(list(crops[::-1]), 224)[::-1]
+    assert np.array_equal(one, alone) and np.array_equal(two, alone)
+    mixed = resize_patches([crops[0], crops[1, :100, :100]], 224)  # sizes differ: each on its own
+    assert np.array_equal(mixed[0], alone[0]) and mixed.shape == (2, 224, 224, 3)
+
+
 def test_patch_qc_flags_a2_background(her2st):
     qc = patch_qc(her2st["A2"])
     assert qc["in_image"].all()

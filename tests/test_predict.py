@@ -126,7 +126,7 @@ def test_predict_jpeg_spots_zarr_scanpy(bundles, slides, tmp_path):
 
 def test_tile_reader_matches_dataset_crops(slides):
     """At level 0 the tile reader cuts the same pixels as the dataset path, and resizes them the same way."""
-    from histomoe_core.data.patches import PatchSpec, _pil_crop, crop_boxes
+    from histomoe_core.data.patches import PatchSpec, crop_boxes, pil_patches
     from histomoe_core.slide.patches import SlidePatches
     from histomoe_core.slide.reader import open_slide_image
 
@@ -135,7 +135,7 @@ def test_tile_reader_matches_dataset_crops(slides):
     boxes = crop_boxes(np.array([[1000.0, 1000.0], [1130.0, 1000.0], [30.0, 40.0]]), PatchSpec().crop_px(UM_PER_PX))
     got = SlidePatches(slide).read_patches(boxes, 0, 64)
     slide.close()
-    want = np.stack([_pil_crop(Image.fromarray(img), b, 64) for b in boxes])
+    want = pil_patches(Image.fromarray(img), boxes, 64)
     assert np.array_equal(got, want)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from histomoe_core.data.sample import Sample
@@ -100,15 +102,32 @@ def background_fraction(patch: np.ndarray) -> float:
     return float((dark | blank).mean())
 
 
-def _crop(img: np.ndarray, box: np.ndarray, out_px: int) -> np.ndarray:
+def resize_patches(patches: np.ndarray | Sequence[np.ndarray], out_px: int) -> np.ndarray:
+    """(B, h, w, 3) uint8 patches (an array, or a list of arrays of any sizes) as one (B, out_px, out_px, 3) array.
+
+    Bicubic with antialiasing, the filter of ``PIL.Image.resize(..., BICUBIC)``, run by torch's uint8 kernel: within
+    2 grey levels of PIL (over 99.5 % of values equal on her2st crops of 35, 163 and 448 px) and 4-7 times faster.
+    Each patch's pixels are the same whatever the batch it is resized in and the number of threads
+    (``tests/test_data.py`` checks both), so every route to a patch (slide, HEST file, tiled slide) agrees."""
+    if not isinstance(patches, np.ndarray):
+        if len({p.shape for p in patches}) > 1:
+            return np.stack([resize_patches(p[None], out_px)[0] for p in patches])
+        patches = np.stack(patches) if len(patches) else np.zeros((0, out_px, out_px, 3), np.uint8)
+    if patches.shape[1:3] == (out_px, out_px) or len(patches) == 0:
+        return patches
+    x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2)  # NHWC memory: channels_last
+    y = F.interpolate(x, size=(out_px, out_px), mode="bicubic", antialias=True, align_corners=False)
+    return y.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _crop(img: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The box's pixels of a decoded image, white glass where it leaves the image (not resized)."""
     h, w = img.shape[:2]
     x0, y0, x1, y1 = (int(v) for v in box)
     crop = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)  # pad with white glass
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if sx1 > sx0 and sy1 > sy0:
         crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
-    if crop.shape[0] != out_px:
-        crop = np.asarray(Image.fromarray(crop).resize((out_px, out_px), Image.BICUBIC))
     return crop
 
 
@@ -167,7 +186,7 @@ def iter_patches(
         keep = np.intersect1d(keep, np.asarray(indices))
     for start in range(0, len(keep), batch_size):
         idx = keep[start : start + batch_size]
-        yield idx, np.stack([_crop(img, boxes[i], spec.out_px) for i in idx])
+        yield idx, resize_patches([_crop(img, boxes[i]) for i in idx], spec.out_px)
     del img
 
 
@@ -196,19 +215,14 @@ def _iter_hest_patches(sample: Sample, spec: PatchSpec, *, batch_size: int, indi
             idx = keep[start : start + batch_size]
             order = np.argsort(rows[idx])
             batch = np.empty((len(idx), spec.out_px, spec.out_px, 3), dtype=np.uint8)
-            raw = imgs[np.sort(rows[idx])]
-            for j, k in enumerate(order):
-                p = raw[j]
-                if p.shape[0] != spec.out_px:
-                    p = np.asarray(Image.fromarray(p).resize((spec.out_px, spec.out_px), Image.BICUBIC))
-                batch[k] = p
+            batch[order] = resize_patches(np.asarray(imgs[np.sort(rows[idx])]), spec.out_px)
             yield idx, batch
 
 
 # ------------------------------------------------------------------------------------------------ fast slide path
-def _pil_crop(im, box: np.ndarray, out_px: int) -> np.ndarray:
-    """The same pixels as :func:`_crop` (white padding outside the image, bicubic resize), cut
-    straight from the decoded PIL image."""
+def _pil_crop(im, box: np.ndarray) -> np.ndarray:
+    """The same pixels as :func:`_crop` (white padding outside the image), cut straight from the decoded PIL
+    image."""
     x0, y0, x1, y1 = (int(v) for v in box)
     w, h = im.size
     if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
@@ -218,9 +232,15 @@ def _pil_crop(im, box: np.ndarray, out_px: int) -> np.ndarray:
         sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if sx1 > sx0 and sy1 > sy0:
             crop.paste(im.crop((sx0, sy0, sx1, sy1)), (sx0 - x0, sy0 - y0))
-    if crop.size[0] != out_px:
-        crop = crop.resize((out_px, out_px), Image.BICUBIC)
     return np.asarray(crop)
+
+
+def pil_patches(im, boxes: np.ndarray, out_px: int | None, pool=None) -> np.ndarray:
+    """(B, out_px, out_px, 3) uint8 patches of equal ``boxes`` in a decoded PIL image: cut (by ``pool``'s threads
+    when given; PIL releases the GIL), then resized together (``out_px=None``: not resized)."""
+    cut = np.stack(list(map(lambda b: _pil_crop(im, b), boxes) if pool is None else
+                        pool.map(lambda b: _pil_crop(im, b), boxes)))
+    return cut if out_px is None else resize_patches(cut, out_px)
 
 
 def open_slide(sample: Sample):
@@ -242,8 +262,8 @@ def open_slide(sample: Sample):
 
 
 def slide_batches(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 64,
-                  indices: np.ndarray | None = None, opened=False,
-                  pool=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  indices: np.ndarray | None = None, opened=False, pool=None,
+                  resize: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """:func:`iter_patches` for JPEG/PNG slides, cropping from the decoded PIL image.
 
     Yields the same ``(spot_indices, uint8 patches)`` (``tests/test_embed.py`` checks they are byte-identical)
@@ -251,7 +271,9 @@ def slide_batches(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: 
     her2st section. Anything else (TIFF, HEST patch files, unusual image modes, ``out_of_image='error'``
     with crops outside, unreadable files) goes through ``iter_patches`` itself. ``opened``: the result of
     :func:`open_slide` for this sample when it was decoded ahead (closed here); by default it is opened here.
-    ``pool``: an executor that crops and resizes the patches of a batch in parallel (PIL releases the GIL).
+    ``pool``: an executor that cuts the patches of a batch in parallel (PIL releases the GIL). ``resize=False``
+    leaves the slide's patches at their cut size (one size per slide) for the caller's
+    :func:`resize_patches`; the other routes' patches come at ``out_px`` either way.
     """
 
     def fallback():
@@ -274,10 +296,7 @@ def slide_batches(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: 
             keep = np.intersect1d(keep, np.asarray(indices))
         for start in range(0, len(keep), batch_size):
             idx = keep[start : start + batch_size]
-            if pool is None:
-                yield idx, np.stack([_pil_crop(im, boxes[i], spec.out_px) for i in idx])
-            else:
-                yield idx, np.stack(list(pool.map(lambda i: _pil_crop(im, boxes[i], spec.out_px), idx)))
+            yield idx, pil_patches(im, boxes[idx], spec.out_px if resize else None, pool)
 
 
 def patch_qc(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 128) -> pd.DataFrame:

@@ -2,19 +2,18 @@
 
 A patch is ``spec.size_um`` wide at the spot; at level 0 that is ``spec.crop_px(um_per_px)`` pixels. The level
 read is the coarsest one whose downsample does not exceed ``crop_px / out_px`` (no upsampling of a coarse level),
-and the crop is resized there to ``out_px`` (bicubic, as :mod:`histomoe_core.data.patches`). A batch of
-neighbouring spots (a grid in raster order) is read as one region when that region is not much larger than its
-patches, else patch by patch; memory stays at a few regions whatever the slide size.
+and the crops are resized there to ``out_px`` as on every other route (:func:`~histomoe_core.data.patches.
+resize_patches`). A batch of neighbouring spots (a grid in raster order) is read as one region when that region
+is not much larger than its patches, else patch by patch; memory stays at a few regions whatever the slide size.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from histomoe_core.cache import code_fingerprint, content_key
-from histomoe_core.data.patches import PatchSpec, crop_boxes
+from histomoe_core.data.patches import PatchSpec, crop_boxes, resize_patches
 from histomoe_core.data.sample import Sample
 from histomoe_core.slide.reader import SlideImage, level_for
 
@@ -52,9 +51,9 @@ class SlidePatches:
         if (x1 - x0) * (y1 - y0) <= REGION_SLACK * own:
             d = self.slide.downsamples[level]
             region = self.slide.read(int(x0), int(y0), int(x1 - x0), int(y1 - y0), level)
-            return np.stack([_resize(_cut(region, b, x0, y0, d), out_px) for b in boxes])
-        return np.stack([_resize(self.slide.read(int(b[0]), int(b[1]), int(b[2] - b[0]), int(b[3] - b[1]), level),
-                                 out_px) for b in boxes])
+            return resize_patches([_cut(region, b, x0, y0, d) for b in boxes], out_px)
+        return resize_patches([self.slide.read(int(b[0]), int(b[1]), int(b[2] - b[0]), int(b[3] - b[1]), level)
+                               for b in boxes], out_px)
 
 
 def _cut(region: np.ndarray, box: np.ndarray, x0: int, y0: int, d: float) -> np.ndarray:
@@ -62,8 +61,3 @@ def _cut(region: np.ndarray, box: np.ndarray, x0: int, y0: int, d: float) -> np.
     side = max(1, int(round((box[2] - box[0]) / d)))
     return region[b : b + side, a : a + side]
 
-
-def _resize(patch: np.ndarray, out_px: int) -> np.ndarray:
-    if patch.shape[0] == out_px and patch.shape[1] == out_px:
-        return patch
-    return np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((out_px, out_px), Image.BICUBIC))
