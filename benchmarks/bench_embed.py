@@ -10,8 +10,9 @@
     ``channels_last``, bf16 autocast on GPU, the same allocator setting), measured just before AND just after
     (b), and averaged, so a change in machine load during the run shows up (both are printed);
 (b) pipeline: :func:`histomoe_core.embed.run_embedding` on every section into a cold temporary cache, as
-    ``histomoe embed`` runs it: decode each slide, crop, resize and normalise patches in a background thread
-    (the next slide decodes while the encoder works on the last one), embed, write chunk and sample files.
+    ``histomoe embed`` runs it: decode each slide and cut its patches in a background thread (the next slide
+    decodes while the encoder works on the last one), resize and normalise them (on a CPU in the encoder's thread,
+    between forwards), embed, write chunk and sample files.
 Both use the same batch size and the encoder's CPU thread count (``HISTOMOE_EMBED_THREADS``). With several
 ``--patch-threads`` settings or ``--repeats``, the pipeline runs are interleaved with ceiling measurements
 (ceiling, run, ceiling, run, ceiling, ...) and each run is compared with the mean of the ceilings on either

@@ -1,19 +1,21 @@
 """The embedding pipeline: patches are prepared in background threads while the encoder runs, on CPU and GPU.
 
 :class:`Prefetcher` starts one producer thread (``histomoe-patches``) that walks the jobs in order: it decodes
-each slide, crops and resizes its patches in batches (:func:`~histomoe_core.data.patches.slide_batches`) and
-normalises them with the encoder's own ``preprocess`` into one contiguous tensor per batch. Batches run across
+each slide and cuts its patches in batches (:func:`~histomoe_core.data.patches.slide_batches`); they are resized
+(:func:`~histomoe_core.data.patches.resize_patches`) and normalised with the encoder's own ``preprocess`` into one
+contiguous tensor per batch, by the producer on a GPU and by the calling thread on a CPU (:func:`torch_in_producer`:
+torch ops in two threads at once make the encoder's threads sleep at each barrier). Batches run across
 slides (:func:`full_batches`): the last patches of one slide share a batch with the first of the next, so every
 forward but the run's last sees a full batch (fewer, equal-shaped forwards: less heap for the activations on a
 CPU, no padded short batch per slide on a GPU). A bounded queue (``depth`` batches) hands them to the calling
-thread, which runs the forward pass. PIL and torch release the GIL, so the two overlap on a CPU too: while the
-encoder works on the last batches of a slide, the producer decodes the next one. ``threads`` > 0 adds helper
+thread, which runs the forward pass. PIL releases the GIL, so the two overlap on a CPU too: while the encoder
+works on the last batches of a slide, the producer decodes the next one. ``threads`` > 0 adds helper
 threads (``histomoe-decode``: that many of the next slides decoded ahead; ``histomoe-crop``: the crops of a batch
 in parallel), which a GPU needs and a CPU does not (:func:`patch_threads`; ``benchmarks/bench_embed.py
 --patch-threads 0 1`` measures both).
 
 The patches, their order and the batches are those of the serial loop (``slide_batches`` regrouped by
-``full_batches``, then ``preprocess``, then the encoder), so the embeddings are bit-identical to it for the same
+``full_batches``, then ``preprocess``, then the encoder; a patch is resized alike in any batch), so the embeddings are bit-identical to it for the same
 batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
 patches of its batch, except through the batch's size on some CPU kernels (oneDNN picks another convolution for
 a batch of one): so a sample's vectors can differ in the last bits only when its last spot is alone in the run's
@@ -37,7 +39,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from histomoe_core.data.patches import PatchSpec, open_slide, slide_batches
+from histomoe_core.data.patches import PatchSpec, open_slide, resize_patches, slide_batches
 from histomoe_core.data.sample import Sample
 from histomoe_core.embed_cache import CacheEntry, finalize, write_chunk
 from histomoe_core.encoders import VisionEncoder
@@ -94,19 +96,30 @@ def patch_threads(device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def torch_in_producer(device: torch.device) -> bool:
+    """Whether the producer thread also resizes and normalises the patches (torch ops) or hands them over as cut,
+    for the iterating thread to finish between forwards with the encoder's own threads. On a GPU the producer does
+    it (the iterating thread only feeds the GPU); on a CPU the iterating thread does: torch ops in a second thread
+    start a second OpenMP team, and with more OpenMP threads than cores the encoder's threads sleep at each barrier
+    instead of spinning (on her2st, 2 cores: 13,000 voluntary context switches a run instead of 1,700, and the
+    cores idle 6-7 % of the time instead of 4 %)."""
+    return device.type != "cpu"
+
+
 def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | None]],
-                 batch_size: int) -> Iterator[tuple[list[Segment], np.ndarray | None]]:
+                 batch_size: int) -> Iterator[tuple[list[Segment], list[np.ndarray] | None]]:
     """Regroup each job's patch batches into batches of exactly ``batch_size`` patches that may span jobs.
 
     ``pieces``: ``(job, spot indices, uint8 patches)`` in order, and ``(job, None, None)`` once a job has no more.
-    Yields ``(segments, patches)``: the batch's patches (``None`` for a batch that only ends jobs) and, in its rows'
-    order, one :class:`Segment` per job it holds; a job's ``last`` segment comes in the batch with its last
-    patches, or, when those completed a batch or it had none, in a batch of end segments only (patches None)
-    yielded at once. Only the final batch may be shorter."""
+    Yields ``(segments, parts)``: in its rows' order, one :class:`Segment` per job the batch holds and the patches
+    as parts, each from one piece (so of one size: patches of several slides may differ in size until they are
+    resized), or ``None`` for a batch that only ends jobs. A job's ``last`` segment comes in the batch with its last
+    patches, or, when those completed a batch or it had none, in a batch of end segments only yielded at once.
+    Only the final batch may be shorter."""
     pending: deque[tuple[int, np.ndarray, np.ndarray | None]] = deque()  # (job, idx, patches); None: job ends
     n_pending = 0
 
-    def take(n: int) -> tuple[list[Segment], np.ndarray | None]:
+    def take(n: int) -> tuple[list[Segment], list[np.ndarray] | None]:
         nonlocal n_pending
         segs: list[Segment] = []
         parts = []
@@ -121,7 +134,7 @@ def full_batches(pieces: Iterable[tuple[int, np.ndarray | None, np.ndarray | Non
             _add(segs, j, idx[:m])
             parts.append(p[:m])
             n, n_pending = n - m, n_pending - m
-        return segs, (None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts))
+        return segs, (parts or None)
 
     for j, idx, patches in pieces:
         if patches is None:
@@ -160,14 +173,17 @@ def yield_to_encoder() -> None:
 class Prefetcher:
     """Batches ``(segments, normalised tensor)`` of :func:`full_batches` over every job, made in background threads.
 
-    Iterate inside a ``with`` block; the tensor is None for a batch that only ends jobs. An error in the producer
-    is raised in the iterating thread; leaving the block (normally or not) stops and joins every thread.
+    Iterate inside a ``with`` block; the tensor is None for a batch that only ends jobs. With ``torch_in_producer``
+    false, the producer hands over the cut patches and the iterating thread resizes and normalises them (see
+    :func:`torch_in_producer`). An error in the producer is raised in the iterating thread; leaving the block
+    (normally or not) stops and joins every thread.
     """
 
     def __init__(self, jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, batch_size: int,
-                 threads: int = 0, pin: bool = False, reader: PatchReader | None = None, depth: int = 3) -> None:
+                 threads: int = 0, pin: bool = False, reader: PatchReader | None = None, depth: int = 3,
+                 torch_in_producer: bool = True) -> None:
         self.jobs, self.encoder, self.spec, self.batch_size = jobs, encoder, spec, batch_size
-        self.threads, self.pin, self.reader = threads, pin, reader
+        self.threads, self.pin, self.reader, self.torch_in_producer = threads, pin, reader, torch_in_producer
         self.waited_s = 0.0  #: time the iterating thread waited for a batch
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -200,7 +216,15 @@ class Prefetcher:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            segments, x = item
+            yield segments, (x if self.torch_in_producer else self._tensor(x))
+
+    def _tensor(self, parts: list[np.ndarray] | None) -> torch.Tensor | None:
+        """A batch's parts resized to the patch size, joined, normalised by the encoder (and pinned for a GPU)."""
+        if parts is None:
+            return None
+        x = self.encoder.preprocess(np.concatenate([resize_patches(p, self.spec.out_px) for p in parts]))
+        return x.pin_memory() if self.pin else x
 
     # -------------------------------------------------------------- producer thread
     def _put(self, item: object) -> bool:
@@ -232,11 +256,8 @@ class Prefetcher:
 
     def _produce_all(self, decoder: ThreadPoolExecutor | None, crops: ThreadPoolExecutor | None,
                      ahead: dict[int, Future]) -> None:
-        for segments, patches in full_batches(self._pieces(decoder, crops, ahead), self.batch_size):
-            x = None if patches is None else self.encoder.preprocess(patches)
-            if x is not None and self.pin:
-                x = x.pin_memory()
-            if not self._put((segments, x)):
+        for segments, parts in full_batches(self._pieces(decoder, crops, ahead), self.batch_size):
+            if not self._put((segments, self._tensor(parts) if self.torch_in_producer else parts)):
                 return
         self._put(_DONE)
 
@@ -261,7 +282,7 @@ class Prefetcher:
         if self.reader is not None:
             return self.reader.batches(job.sample, self.spec, batch_size=self.batch_size, indices=job.missing)
         return slide_batches(job.sample, self.spec, batch_size=self.batch_size, indices=job.missing,
-                             opened=opened, pool=crops)
+                             opened=opened, pool=crops, resize=False)
 
 
 # ------------------------------------------------------------------------------------------------ consumer
@@ -279,7 +300,8 @@ def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, ba
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision_for(device) == "bf16")
     bar = tqdm(total=total, unit="patch", desc=f"embed {encoder.name}", disable=not progress or total == 0)
     prefetch = Prefetcher(jobs, encoder, spec, batch_size=batch_size, reader=reader, pin=device.type == "cuda",
-                          threads=patch_threads(device) if threads is None else threads)
+                          threads=patch_threads(device) if threads is None else threads,
+                          torch_in_producer=torch_in_producer(device))
     try:
         with prefetch, torch.inference_mode(), autocast:
             for segments, x in prefetch:

@@ -109,8 +109,8 @@ def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
             yield j, None, None
 
     with torch.inference_mode(), fixed_threads(embed_threads(torch.device("cpu"))):
-        for segments, batch in full_batches(pieces(), batch_size):
-            z, start = (enc(enc.preprocess(batch)).numpy() if batch is not None else None), 0
+        for segments, parts in full_batches(pieces(), batch_size):
+            z, start = (enc(enc.preprocess(np.concatenate(parts))).numpy() if parts is not None else None), 0
             for seg in segments:
                 out[samples[seg.job].sample_id][seg.idx] = z[start : start + len(seg.idx)]
                 start += len(seg.idx)
@@ -129,7 +129,20 @@ def _regrouped(sizes: list[int], piece: int, batch_size: int):
                 yield j, idx, np.stack([np.full((2, 2, 3), (j, i, 10 * j + i), np.uint8) for i in idx])
             yield j, None, None
 
-    return list(full_batches(pieces(), batch_size))
+    return [(segs, None if parts is None else np.concatenate(parts)) for segs, parts in
+            full_batches(pieces(), batch_size)]
+
+
+def test_full_batches_keep_patches_of_different_sizes_apart():
+    """Slides cut at different pixel sizes share a batch as separate parts, each of one size, in row order."""
+    from histomoe_core.embed_pipeline import full_batches
+
+    pieces = [(0, np.arange(3), np.zeros((3, 35, 35, 3), np.uint8)), (0, None, None),
+              (1, np.arange(5), np.ones((5, 163, 163, 3), np.uint8)), (1, None, None)]
+    (segs, parts), (_, parts2), (end, none) = full_batches(pieces, 4)
+    assert [(g.job, len(g.idx), g.last) for g in segs] == [(0, 3, True), (1, 1, False)]
+    assert [p.shape[:2] for p in parts] == [(3, 35), (1, 163)] and [p.shape[:2] for p in parts2] == [(4, 163)]
+    assert [(g.job, len(g.idx), g.last) for g in end] == [(1, 0, True)] and none is None
 
 
 def test_full_batches_run_across_jobs():
@@ -171,13 +184,17 @@ def test_full_batches_keep_every_patch_in_order_in_full_batches(seed):
         assert [g.last for g in mine] == [False] * (len(mine) - 1) + [True]
 
 
-@pytest.mark.parametrize("threads", ["0", "1", "2"])
-def test_overlapped_pipeline_gives_exactly_the_serial_embeddings(her2st, tmp_path, monkeypatch, threads):
-    samples = her2st.subset(["A1", "B4", "C3"])  # a PNG and two JPEG slides
+@pytest.mark.parametrize("threads, in_producer", [("0", False), ("1", False), ("2", False), ("0", True), ("2", True)])
+def test_overlapped_pipeline_gives_exactly_the_serial_embeddings(her2st, tmp_path, monkeypatch, threads, in_producer):
+    """Helper threads or not; patches resized and normalised by the producer (as on a GPU) or the consumer."""
+    import histomoe_core.embed_pipeline as ep
+
+    samples = her2st.subset(["A1", "B4", "C3"])  # a PNG (35 px crops) and two JPEG slides (163 px)
     enc = create_encoder("tiny")
+    monkeypatch.setattr(ep, "torch_in_producer", lambda device: in_producer)
     monkeypatch.setenv("HISTOMOE_PATCH_THREADS", threads)
     monkeypatch.setenv("HISTOMOE_CACHE_DIR", str(tmp_path / threads))
-    got = embed_samples(samples, enc, batch_size=64, progress=False)
+    got = embed_samples(samples, enc, batch_size=64, progress=False)  # A1's last patches share B4's first batch
     want = serial(samples, enc)
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
@@ -199,6 +216,12 @@ def test_patch_threads_default(monkeypatch):
     assert em.patch_threads(torch.device("cpu")) == 0 and em.patch_threads(torch.device("cuda")) >= 1
     monkeypatch.setenv("HISTOMOE_PATCH_THREADS", "3")
     assert em.patch_threads(torch.device("cpu")) == 3
+
+
+def test_torch_work_runs_in_the_producer_only_on_a_gpu():
+    from histomoe_core.embed_pipeline import torch_in_producer
+
+    assert not torch_in_producer(torch.device("cpu")) and torch_in_producer(torch.device("cuda"))
 
 
 def _pipeline_threads() -> list[str]:

@@ -99,9 +99,10 @@ speed.to_frame("value")
 # cache on **{glue:text}`speed_device`**: the encoder's forward pass alone on patches already in memory reaches
 # {glue:text}`ceiling:.1f` patches/s (the ceiling), and the whole pipeline from the image file to the cache
 # reaches {glue:text}`pipeline:.1f` patches/s, a ratio of {glue:text}`ratio:.2f`: the pipeline runs
-# {glue:text}`ratio_phrase`. Decoding the slide and cropping patches run in a background thread while the encoder
-# works on the previous batch; the encoder runs in inference mode on `channels_last` tensors (bfloat16 on a
-# GPU). `benchmarks/bench_embed.py` runs the same measurement on the whole dataset and also reports memory.
+# {glue:text}`ratio_phrase`. Decoding the slide and cutting patches run in a background thread while the encoder
+# works on the previous batch (resizing and normalising them too on a GPU; on a CPU the encoder's own threads do
+# that between forwards, as two threads running torch at once slow the encoder); the encoder runs in inference
+# mode on `channels_last` tensors (bfloat16 on a GPU). `benchmarks/bench_embed.py` runs the same measurement on the whole dataset and also reports memory.
 #
 # ## What the embeddings see
 #
