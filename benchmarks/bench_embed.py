@@ -124,6 +124,7 @@ def pipeline_run(samples, enc, batch_size: int, device, patch_threads: int | Non
             wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {"patch_threads": patch_threads, "n_patches": st.n_patches, "pipeline_seconds": wall, "cpu_seconds": cpu,
             "pipeline_patches_per_s": st.n_patches / wall, "forward_seconds": st.forward_s,
+            "prepare_seconds": st.prepare_s,
             "starved_seconds": st.starved_s, "peak_rss_mb": peak.peak, "rss_before_mb": base,
             "cpu_shares": use.shares, "page_faults": use.page_faults, "voluntary_switches": use.voluntary_switches}
 
@@ -141,8 +142,8 @@ def report(r: dict, label: str) -> None:
     print(f"[{label}] (a) ceiling {r['ceiling_patches_per_s']:7.1f} patches/s (before {r['ceiling_before']:.1f}, "
           f"after {r['ceiling_after']:.1f})")
     print(f"[{label}] (b) pipeline {r['pipeline_patches_per_s']:7.1f} patches/s ({r['n_patches']} patches in "
-          f"{r['pipeline_seconds']:.1f} s; encoder busy {r['forward_seconds']:.1f} s, waited "
-          f"{r['starved_seconds']:.1f} s for patches)")
+          f"{r['pipeline_seconds']:.1f} s; encoder busy {r['forward_seconds']:.1f} s, resizing and normalising "
+          f"{r['prepare_seconds']:.1f} s, waited {r['starved_seconds']:.1f} s for patches)")
     print(f"[{label}] ratio (b)/(a) = {r['ratio']:.3f}   (goal >= 0.85: {'met' if r['ratio'] >= 0.85 else 'NOT met'});"
           f"  in CPU time per patch: {r['cpu_time_ratio']:.3f};  peak RSS {r['peak_rss_mb']:.0f} MB (before "
           f"{r['rss_before_mb']:.0f} MB; goal < 4096 MB: {'met' if r['peak_rss_mb'] < 4096 else 'NOT met'}); "

@@ -1,10 +1,10 @@
 """Embed every spot of a dataset once, into a content-addressed, resumable cache (see :mod:`histomoe_core.embed_cache`).
 
 :func:`embed_samples` returns ``{sample_id: (n_spots, D) float32}`` in ``adata.obs_names`` order. Samples whose
-file is cached are read back; the rest go through one pipeline: a background thread decodes each slide,
-crops and resizes patches and normalises them (PIL and torch release the GIL), while the main thread runs
-the encoder (``inference_mode``, ``channels_last``, bf16 autocast on GPU) and writes one chunk file per batch
-(:mod:`histomoe_core.embed_pipeline`).
+file is cached are read back; the rest go through one pipeline: a background thread decodes each slide and
+cuts its patches (PIL releases the GIL), while the main thread runs the encoder (``inference_mode``,
+``channels_last``, bf16 autocast on GPU) and writes one chunk file per batch; the patches are resized and
+normalised by the background thread on a GPU and by the main thread on a CPU (:mod:`histomoe_core.embed_pipeline`).
 
 Under ``torchrun`` (an initialised ``torch.distributed`` process group) each rank embeds a disjoint,
 spot-balanced share of the unfinished samples into the same cache; all ranks then read the whole result.
@@ -140,7 +140,8 @@ class EmbedStats:
     resumed: list[str] = field(default_factory=list)
     n_patches: int = 0
     seconds: float = 0.0
-    forward_s: float = 0.0  #: time in the encoder (the rest is waiting for patches and writing files)
+    forward_s: float = 0.0  #: time in the encoder (the rest: finishing and waiting for patches, writing files)
+    prepare_s: float = 0.0  #: time the main thread resized and normalised patches (on a CPU)
     starved_s: float = 0.0  #: time the encoder waited for the patch thread
     encoder: str = ""
     key: str = ""

@@ -3,8 +3,9 @@
 :class:`Prefetcher` starts one producer thread (``histomoe-patches``) that walks the jobs in order: it decodes
 each slide and cuts its patches in batches (:func:`~histomoe_core.data.patches.slide_batches`); they are resized
 (:func:`~histomoe_core.data.patches.resize_patches`) and normalised with the encoder's own ``preprocess`` into one
-contiguous tensor per batch, by the producer on a GPU and by the calling thread on a CPU (:func:`torch_in_producer`:
-torch ops in two threads at once make the encoder's threads sleep at each barrier). Batches run across
+contiguous tensor per batch, by the producer on a GPU and by the calling thread on a CPU
+(:func:`torch_in_producer`: torch ops in two threads at once make the encoder's threads sleep at each barrier).
+Patches from a :class:`PatchReader` (tiled slides) come resized by the reader, in the producer. Batches run across
 slides (:func:`full_batches`): the last patches of one slide share a batch with the first of the next, so every
 forward but the run's last sees a full batch (fewer, equal-shaped forwards: less heap for the activations on a
 CPU, no padded short batch per slide on a GPU). A bounded queue (``depth`` batches) hands them to the calling
@@ -15,8 +16,8 @@ in parallel), which a GPU needs and a CPU does not (:func:`patch_threads`; ``ben
 --patch-threads 0 1`` measures both).
 
 The patches, their order and the batches are those of the serial loop (``slide_batches`` regrouped by
-``full_batches``, then ``preprocess``, then the encoder; a patch is resized alike in any batch), so the embeddings are bit-identical to it for the same
-batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
+``full_batches``, then ``preprocess``, then the encoder; a patch is resized alike in any batch), so the
+embeddings are bit-identical to it for the same batch size and thread count (``tests/test_embed.py`` checks it). A spot's embedding does not depend on the other
 patches of its batch, except through the batch's size on some CPU kernels (oneDNN picks another convolution for
 a batch of one): so a sample's vectors can differ in the last bits only when its last spot is alone in the run's
 final batch, which depends on the samples embedded with it (the batch size is not part of the cache key either).
@@ -185,6 +186,7 @@ class Prefetcher:
         self.jobs, self.encoder, self.spec, self.batch_size = jobs, encoder, spec, batch_size
         self.threads, self.pin, self.reader, self.torch_in_producer = threads, pin, reader, torch_in_producer
         self.waited_s = 0.0  #: time the iterating thread waited for a batch
+        self.prepared_s = 0.0  #: time the iterating thread resized and normalised batches (torch_in_producer off)
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="histomoe-patches", daemon=True)
@@ -217,13 +219,18 @@ class Prefetcher:
             if isinstance(item, BaseException):
                 raise item
             segments, x = item
-            yield segments, (x if self.torch_in_producer else self._tensor(x))
+            if not self.torch_in_producer:
+                t0 = time.perf_counter()
+                x = self._tensor(x)
+                self.prepared_s += time.perf_counter() - t0
+            yield segments, x
 
     def _tensor(self, parts: list[np.ndarray] | None) -> torch.Tensor | None:
         """A batch's parts resized to the patch size, joined, normalised by the encoder (and pinned for a GPU)."""
         if parts is None:
             return None
-        x = self.encoder.preprocess(np.concatenate([resize_patches(p, self.spec.out_px) for p in parts]))
+        same = [resize_patches(p, self.spec.out_px) for p in parts]
+        x = self.encoder.preprocess(same[0] if len(same) == 1 else np.concatenate(same))
         return x.pin_memory() if self.pin else x
 
     # -------------------------------------------------------------- producer thread
@@ -315,6 +322,7 @@ def run_jobs(jobs: Sequence[Job], encoder: VisionEncoder, spec: PatchSpec, *, ba
                 _store(jobs, segments, z, out)
     finally:
         stats.starved_s += prefetch.waited_s
+        stats.prepare_s += prefetch.prepared_s
         bar.close()
     return out
 

@@ -190,6 +190,8 @@ def test_a_patch_is_resized_alike_in_any_batch_and_thread_count(her2st):
     assert np.array_equal(one, alone) and np.array_equal(two, alone)
     mixed = resize_patches([crops[0], crops[1, :100, :100]], 224)  # sizes differ: each on its own
     assert np.array_equal(mixed[0], alone[0]) and mixed.shape == (2, 224, 224, 3)
+    assert np.array_equal(mixed[1], resize_patches(crops[1:2, :100, :100], 224)[0])
+    assert resize_patches(crops[:0], 224).shape == (0, 224, 224, 3)
 
 
 def test_patch_qc_flags_a2_background(her2st):

@@ -90,6 +90,18 @@ def test_slide_batches_match_on_her2st(her2st):
         assert np.array_equal(i1, idx) and np.array_equal(i1, i2) and np.array_equal(p1, p2), sid
 
 
+@pytest.mark.parametrize("route", [slide_batches, iter_patches])
+def test_unresized_patches_are_the_cut_pixels_the_resize_makes_the_patches(her2st, route):
+    """``resize=False`` (what the pipeline hands over on a CPU): cut size, and resized later they are the patches."""
+    from histomoe_core.data.patches import resize_patches
+
+    idx = np.array([0, 7, 300])
+    _, want = _all(route(her2st["A1"], indices=idx, batch_size=2))
+    _, cut = _all(route(her2st["A1"], indices=idx, batch_size=2, resize=False))
+    assert cut.shape == (3, 35, 35, 3) and want.shape == (3, 224, 224, 3)
+    assert np.array_equal(resize_patches(cut, 224), want)
+
+
 # ------------------------------------------------------------------------------------------------ results
 def serial(samples, enc, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The loop the pipeline overlaps, run in one thread: crop a batch (batches run across slides), normalise it,

@@ -102,7 +102,8 @@ speed.to_frame("value")
 # {glue:text}`ratio_phrase`. Decoding the slide and cutting patches run in a background thread while the encoder
 # works on the previous batch (resizing and normalising them too on a GPU; on a CPU the encoder's own threads do
 # that between forwards, as two threads running torch at once slow the encoder); the encoder runs in inference
-# mode on `channels_last` tensors (bfloat16 on a GPU). `benchmarks/bench_embed.py` runs the same measurement on the whole dataset and also reports memory.
+# mode on `channels_last` tensors (bfloat16 on a GPU). `benchmarks/bench_embed.py` runs the same measurement on
+# the whole dataset and also reports memory.
 #
 # ## What the embeddings see
 #

@@ -11,8 +11,6 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from histomoe_core.data.sample import Sample
@@ -109,13 +107,19 @@ def resize_patches(patches: np.ndarray | Sequence[np.ndarray], out_px: int) -> n
     2 grey levels of PIL (over 99.5 % of values equal on her2st crops of 35, 163 and 448 px) and 4-7 times faster.
     Each patch's pixels are the same whatever the batch it is resized in and the number of threads
     (``tests/test_data.py`` checks both), so every route to a patch (slide, HEST file, tiled slide) agrees."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(patches) == 0:
+        return np.zeros((0, out_px, out_px, 3), np.uint8)
     if not isinstance(patches, np.ndarray):
         if len({p.shape for p in patches}) > 1:
             return np.stack([resize_patches(p[None], out_px)[0] for p in patches])
-        patches = np.stack(patches) if len(patches) else np.zeros((0, out_px, out_px, 3), np.uint8)
-    if patches.shape[1:3] == (out_px, out_px) or len(patches) == 0:
+        patches = np.stack(patches)
+    if patches.shape[1:3] == (out_px, out_px):
         return patches
-    x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2)  # NHWC memory: channels_last
+    patches = np.ascontiguousarray(patches) if patches.flags.writeable else patches.copy()
+    x = torch.from_numpy(patches).permute(0, 3, 1, 2)  # NHWC memory: channels_last
     y = F.interpolate(x, size=(out_px, out_px), mode="bicubic", antialias=True, align_corners=False)
     return y.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -168,15 +172,18 @@ def patch_source(sample: Sample, spec: PatchSpec) -> Path | None:
 
 
 def iter_patches(
-    sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 64, indices: np.ndarray | None = None
+    sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: int = 64, indices: np.ndarray | None = None,
+    resize: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(spot_indices, patches)`` with patches an (B, out_px, out_px, 3) uint8 array.
 
     Spots whose crop leaves the image are padded with white (``pad``), skipped (``drop``) or refused
-    (``error``) as ``spec.out_of_image`` says; :func:`patch_qc` counts them.
+    (``error``) as ``spec.out_of_image`` says; :func:`patch_qc` counts them. ``resize=False``: patches at their
+    cut (or stored) size, one size per sample, for the caller's :func:`resize_patches`.
     """
+    out_px = spec.out_px if resize else None
     if patch_source(sample, spec) == sample.patches_path:
-        yield from _iter_hest_patches(sample, spec, batch_size=batch_size, indices=indices)
+        yield from _iter_hest_patches(sample, spec, batch_size=batch_size, indices=indices, out_px=out_px)
         return
     if sample.image_path is None:
         raise DataError(f"{sample.sample_id}: has neither an image nor a patch file")
@@ -186,11 +193,13 @@ def iter_patches(
         keep = np.intersect1d(keep, np.asarray(indices))
     for start in range(0, len(keep), batch_size):
         idx = keep[start : start + batch_size]
-        yield idx, resize_patches([_crop(img, boxes[i]) for i in idx], spec.out_px)
+        cut = np.stack([_crop(img, boxes[i]) for i in idx])
+        yield idx, cut if out_px is None else resize_patches(cut, out_px)
     del img
 
 
-def _iter_hest_patches(sample: Sample, spec: PatchSpec, *, batch_size: int, indices: np.ndarray | None):
+def _iter_hest_patches(sample: Sample, spec: PatchSpec, *, batch_size: int, indices: np.ndarray | None,
+                       out_px: int | None):
     import h5py
 
     native_um = float(sample.meta.get("patch_size_um", 112.0))
@@ -214,8 +223,10 @@ def _iter_hest_patches(sample: Sample, spec: PatchSpec, *, batch_size: int, indi
         for start in range(0, len(keep), batch_size):
             idx = keep[start : start + batch_size]
             order = np.argsort(rows[idx])
-            batch = np.empty((len(idx), spec.out_px, spec.out_px, 3), dtype=np.uint8)
-            batch[order] = resize_patches(np.asarray(imgs[np.sort(rows[idx])]), spec.out_px)
+            raw = np.asarray(imgs[np.sort(rows[idx])]).astype(np.uint8, copy=False)
+            raw = raw if out_px is None else resize_patches(raw, out_px)
+            batch = np.empty_like(raw)
+            batch[order] = raw
             yield idx, batch
 
 
@@ -236,8 +247,8 @@ def _pil_crop(im, box: np.ndarray) -> np.ndarray:
 
 
 def pil_patches(im, boxes: np.ndarray, out_px: int | None, pool=None) -> np.ndarray:
-    """(B, out_px, out_px, 3) uint8 patches of equal ``boxes`` in a decoded PIL image: cut (by ``pool``'s threads
-    when given; PIL releases the GIL), then resized together (``out_px=None``: not resized)."""
+    """(B, out_px, out_px, 3) uint8 patches of equal-sized ``boxes`` in a decoded PIL image: cut (by ``pool``'s
+    threads when given; PIL releases the GIL), then resized together (``out_px=None``: not resized)."""
     cut = np.stack(list(map(lambda b: _pil_crop(im, b), boxes) if pool is None else
                         pool.map(lambda b: _pil_crop(im, b), boxes)))
     return cut if out_px is None else resize_patches(cut, out_px)
@@ -272,12 +283,11 @@ def slide_batches(sample: Sample, spec: PatchSpec = PatchSpec(), *, batch_size: 
     with crops outside, unreadable files) goes through ``iter_patches`` itself. ``opened``: the result of
     :func:`open_slide` for this sample when it was decoded ahead (closed here); by default it is opened here.
     ``pool``: an executor that cuts the patches of a batch in parallel (PIL releases the GIL). ``resize=False``
-    leaves the slide's patches at their cut size (one size per slide) for the caller's
-    :func:`resize_patches`; the other routes' patches come at ``out_px`` either way.
+    leaves the patches at their cut size (one size per sample) for the caller's :func:`resize_patches`.
     """
 
     def fallback():
-        return iter_patches(sample, spec, batch_size=batch_size, indices=indices)
+        return iter_patches(sample, spec, batch_size=batch_size, indices=indices, resize=resize)
 
     im = open_slide(sample) if opened is False else opened
     if im is None:
