@@ -225,9 +225,7 @@ def _iter_hest_patches(sample: Sample, spec: PatchSpec, *, batch_size: int, indi
             order = np.argsort(rows[idx])
             raw = np.asarray(imgs[np.sort(rows[idx])]).astype(np.uint8, copy=False)
             raw = raw if out_px is None else resize_patches(raw, out_px)
-            batch = np.empty_like(raw)
-            batch[order] = raw
-            yield idx, batch
+            yield idx, raw[np.argsort(order)]  # file order back to the asked order
 
 
 # ------------------------------------------------------------------------------------------------ fast slide path
@@ -249,8 +247,10 @@ def _pil_crop(im, box: np.ndarray) -> np.ndarray:
 def pil_patches(im, boxes: np.ndarray, out_px: int | None, pool=None) -> np.ndarray:
     """(B, out_px, out_px, 3) uint8 patches of equal-sized ``boxes`` in a decoded PIL image: cut (by ``pool``'s
     threads when given; PIL releases the GIL), then resized together (``out_px=None``: not resized)."""
-    cut = np.stack(list(map(lambda b: _pil_crop(im, b), boxes) if pool is None else
-                        pool.map(lambda b: _pil_crop(im, b), boxes)))
+    def one(box: np.ndarray) -> np.ndarray:
+        return _pil_crop(im, box)
+
+    cut = np.stack(list(map(one, boxes) if pool is None else pool.map(one, boxes)))
     return cut if out_px is None else resize_patches(cut, out_px)
 
 
